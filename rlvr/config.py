@@ -1,0 +1,301 @@
+"""params.yaml -> frozen, validated dataclasses: the single source of truth for every stage.
+
+Loading is strict: an unknown key, a value of the wrong type or an impossible combination raises
+`ConfigError` with the dotted key, the value found and what to do instead. Cross-field rules live in
+each section's `__post_init__`. Stages receive the whole `Params` object and read their section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(condition: bool, key: str, value: object, fix: str) -> None:
+    if not condition:
+        raise ConfigError(f"params: {key} = {value!r}: {fix}")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    max_positions: int = 2048
+
+    def __post_init__(self) -> None:
+        _require(self.hidden_size % self.num_heads == 0, "model.builtin.hidden_size", self.hidden_size,
+                 f"must be divisible by num_heads ({self.num_heads})")
+        _require(self.num_heads % self.num_kv_heads == 0, "model.builtin.num_kv_heads", self.num_kv_heads,
+                 f"must divide num_heads ({self.num_heads})")
+        _require(self.num_layers >= 1, "model.builtin.num_layers", self.num_layers, "use at least 1 layer")
+
+
+@dataclass(frozen=True)
+class Model:
+    # "builtin" builds the tiny Qwen2 + character tokenizer in warmup; anything else is a local
+    # model folder or a hub name (which needs network access or a populated cache).
+    name: str = "builtin"
+    trust_remote_code: bool = False
+    builtin: BuiltinModel = field(default_factory=BuiltinModel)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.name == "builtin"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    system: str | None = None
+    # Appended to every problem, e.g. "Please reason step by step, and put your final answer
+    # within \\boxed{}." for instruction-tuned models. Empty for the built-in model.
+    suffix: str = ""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One data source: exactly one of `builtin`, `path` or `hub`."""
+
+    name: str
+    builtin: bool = False
+    size: int | None = None
+    path: str | None = None
+    hub: str | None = None
+    preset: str = "generic"
+    split: str = "train"
+    subset: str | None = None
+    problem_field: str | None = None
+    answer_field: str | None = None
+    solution_field: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        key = f"source {self.name!r}"
+        _require(bool(_NAME_RE.match(self.name)), f"{key}.name", self.name,
+                 "use lowercase letters, digits and underscores (it becomes a file name)")
+        kinds = [k for k, v in (("builtin", self.builtin), ("path", self.path), ("hub", self.hub)) if v]
+        _require(len(kinds) == 1, key, kinds, "set exactly one of builtin: true, path: FILE or hub: NAME")
+        if self.builtin:
+            _require(self.size is not None and self.size > 0, f"{key}.size", self.size,
+                     "a builtin source needs size: N > 0")
+        else:
+            _require(self.size is None, f"{key}.size", self.size, "size applies to builtin sources only; use limit")
+        _require(self.limit is None or self.limit > 0, f"{key}.limit", self.limit, "use a positive limit or null")
+        if self.preset == "generic" and not self.builtin:
+            _require(bool(self.problem_field and self.answer_field), f"{key}.preset", self.preset,
+                     "the generic preset needs problem_field and answer_field")
+
+
+@dataclass(frozen=True)
+class Arith:
+    min_ops: int = 1
+    max_ops: int = 3
+    min_digits: int = 1
+    max_digits: int = 2
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.min_ops <= self.max_ops, "prepare.arith.min_ops", (self.min_ops, self.max_ops),
+                 "need 1 <= min_ops <= max_ops")
+        _require(1 <= self.min_digits <= self.max_digits <= 9, "prepare.arith.min_digits",
+                 (self.min_digits, self.max_digits), "need 1 <= min_digits <= max_digits <= 9")
+
+
+@dataclass(frozen=True)
+class Decontamination:
+    ngram: int = 13
+    # The stage fails when more than this fraction of the train set overlaps an eval set: that
+    # much overlap means the wrong files were configured, not a few stray near-duplicates.
+    max_contaminated_frac: float = 0.05
+
+    def __post_init__(self) -> None:
+        _require(self.ngram >= 1, "prepare.decontamination.ngram", self.ngram, "use n >= 1")
+        _require(0.0 <= self.max_contaminated_frac <= 1.0, "prepare.decontamination.max_contaminated_frac",
+                 self.max_contaminated_frac, "use a fraction in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Prepare:
+    train: tuple[Source, ...]
+    eval: tuple[Source, ...]
+    arith: Arith = field(default_factory=Arith)
+    decontamination: Decontamination = field(default_factory=Decontamination)
+    grade_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(len(self.train) > 0, "prepare.train", self.train, "list at least one training source")
+        _require(len(self.eval) > 0, "prepare.eval", self.eval, "list at least one evaluation source")
+        for key, sources in (("prepare.train", self.train), ("prepare.eval", self.eval)):
+            names = [s.name for s in sources]
+            _require(len(set(names)) == len(names), key, names, "source names must be unique")
+
+
+@dataclass(frozen=True)
+class Warmup:
+    # Off: the base model passes through unchanged (the usual choice for a real checkpoint).
+    enabled: bool = True
+    max_steps: int = 800
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_length: int = 128
+    logging_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "warmup.max_steps", self.max_steps, "use at least 1 step or enabled: false")
+        _require(self.batch_size >= 1, "warmup.batch_size", self.batch_size, "use a positive batch size")
+        _require(self.learning_rate > 0, "warmup.learning_rate", self.learning_rate, "use a positive rate")
+        _require(0 <= self.warmup_ratio < 1, "warmup.warmup_ratio", self.warmup_ratio, "use a value in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    benchmarks: tuple[str, ...] = ("arith",)
+    n_samples: int = 8
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 256
+    # Per benchmark other than the built-in one: a fixed subset of this many problems (chosen by a
+    # hash of the problem id, so it does not move when files are reordered); null = the full set.
+    subset_size: int | None = 32
+    greedy: bool = True
+    n_bootstrap: int = 1000
+    backend: str = "auto"
+    grade_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(self.n_samples >= 1, "evaluate.n_samples", self.n_samples, "use at least 1 sample")
+        _require(len(self.ks) > 0 and all(1 <= k <= self.n_samples for k in self.ks), "evaluate.ks",
+                 self.ks, f"every k must be in [1, n_samples={self.n_samples}]")
+        _require(self.temperature > 0, "evaluate.temperature", self.temperature,
+                 "sampling needs temperature > 0 (greedy accuracy is reported by greedy: true)")
+        _require(0 < self.top_p <= 1, "evaluate.top_p", self.top_p, "use a value in (0, 1]")
+        _require(self.max_new_tokens >= 1, "evaluate.max_new_tokens", self.max_new_tokens, "use at least 1")
+        _require(self.subset_size is None or self.subset_size >= 1, "evaluate.subset_size", self.subset_size,
+                 "use a positive size or null for the full sets")
+        _require(self.backend in ("auto", "transformers", "vllm"), "evaluate.backend", self.backend,
+                 "use auto, transformers or vllm")
+        _require(self.n_bootstrap >= 100, "evaluate.n_bootstrap", self.n_bootstrap, "use at least 100 resamples")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    experiment: str = "rlvr-pipeline"
+    # null: SQLite under the project root (mlruns/mlflow.db); MLFLOW_TRACKING_URI overrides both.
+    uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    model: Model
+    prompt: Prompt
+    prepare: Prepare
+    warmup: Warmup
+    evaluate: Evaluate
+    tracking: Tracking = field(default_factory=Tracking)
+
+    def __post_init__(self) -> None:
+        eval_names = {s.name for s in self.prepare.eval}
+        unknown = [b for b in self.evaluate.benchmarks if b not in eval_names]
+        _require(not unknown, "evaluate.benchmarks", list(self.evaluate.benchmarks),
+                 f"{unknown} not among prepare.eval sources {sorted(eval_names)}")
+        _require(self.warmup.enabled or not self.model.is_builtin, "warmup.enabled", self.warmup.enabled,
+                 "the builtin model starts untrained; keep warmup enabled or set model.name to a real model")
+
+
+def _convert(tp: object, value: object, key: str) -> object:
+    """Check `value` against the annotation `tp` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _convert(inner[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is tuple:
+        _require(isinstance(value, list), key, value, "expected a list")
+        (item_type, _) = typing.get_args(tp)
+        return tuple(_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, key, value, "expected a number")
+        return float(value)
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "expected an integer")
+        return value
+    if tp is bool:
+        _require(isinstance(value, bool), key, value, "expected true or false")
+        return value
+    if tp is str:
+        _require(isinstance(value, str), key, value, "expected a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, data: object, key: str):
+    _require(isinstance(data, dict), key or "params", data, "expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        _require(name in fields, f"{key}.{name}".lstrip("."), data[name],
+                 f"unknown key; valid keys here are {sorted(fields)}")
+    kwargs = {}
+    for name, spec in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], f"{key}.{name}".lstrip("."))
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"params: {key + '.' if key else ''}{name} is missing: add it to params.yaml")
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Params:
+    return _build(Params, data, "")
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    try:
+        return from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def to_flat_dict(obj: object, prefix: str = "") -> dict[str, object]:
+    """Flatten a section to dotted keys (for MLflow params)."""
+    if dataclasses.is_dataclass(obj):
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(obj):
+            out.update(to_flat_dict(getattr(obj, f.name), f"{prefix}{f.name}."))
+        return out
+    if isinstance(obj, tuple) and obj and dataclasses.is_dataclass(obj[0]):
+        out = {}
+        for item in obj:
+            out.update(to_flat_dict(item, f"{prefix}{getattr(item, 'name', '')}."))
+        return out
+    return {prefix.rstrip("."): obj}

@@ -1,0 +1,116 @@
+"""Prompt rendering and sampling backends.
+
+Two backends behind one function, `sample`: in-process transformers generation (batched, left
+padded; CPU or GPU) and vLLM (used when it is installed and chosen; GPU). Both return, per prompt,
+a list of completion strings in the order requested, so graders and pass@k never see the backend.
+
+Sampling pitfall: transformers applies `top_k=50` unless told otherwise, which is not the
+distribution GRPO trains on; `top_k=0` is always passed explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlvr.config import Prompt
+
+log = logging.getLogger(__name__)
+
+
+def messages(problem: str, prompt: Prompt) -> list[dict[str, str]]:
+    """The chat turns for one problem: optional system prompt, then the problem (+ suffix)."""
+    turns = []
+    if prompt.system:
+        turns.append({"role": "system", "content": prompt.system})
+    content = f"{problem} {prompt.suffix}".strip() if prompt.suffix else problem
+    turns.append({"role": "user", "content": content})
+    return turns
+
+
+def render(tokenizer: PreTrainedTokenizerBase, problem: str, prompt: Prompt) -> str:
+    """The prompt text with the generation prompt opened (what the model continues)."""
+    return tokenizer.apply_chat_template(messages(problem, prompt), tokenize=False, add_generation_prompt=True)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    greedy: bool = False
+    seed: int = 0
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> str:
+    if requested == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if requested == "vllm" and not vllm_available():
+        raise RuntimeError("evaluate.backend = 'vllm' but vLLM is not installed or no CUDA device is visible")
+    return requested
+
+
+@torch.no_grad()
+def sample_transformers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    settings: SamplingSettings,
+    batch_size: int,
+    desc: str = "sampling",
+) -> list[list[str]]:
+    """`settings.n` completions per prompt with `model.generate`, `batch_size` sequences at a time.
+
+    Each prompt is repeated n times inside a batch (rather than num_return_sequences) so that a
+    batch is always exactly `batch_size` sequences, whatever n is.
+    """
+    if tokenizer.padding_side != "left":
+        raise ValueError("generation needs a left-padding tokenizer (tokenizer.padding_side = 'left')")
+    model.eval()
+    device = next(model.parameters()).device
+    n = 1 if settings.greedy else settings.n
+    flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    out: list[list[str]] = [[] for _ in prompts]
+    generator_seed = settings.seed
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if settings.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    with tqdm(total=len(flat), desc=desc, unit="seq", disable=None) as bar:
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            enc = tokenizer([p for _, p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            torch.manual_seed(generator_seed + start)
+            generated = model.generate(**enc, **kwargs)
+            completions = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for (i, _), text in zip(chunk, completions):
+                out[i].append(text)
+            bar.update(len(chunk))
+    return out
+
+
+def sample_vllm(model_path: str, prompts: list[str], settings: SamplingSettings, trust_remote_code: bool) -> list[list[str]]:
+    """The same contract with vLLM's offline engine (GPU only; needs the `gpu` dependency set)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, seed=settings.seed, trust_remote_code=trust_remote_code)
+    if settings.greedy:
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=settings.max_new_tokens)
+    else:
+        params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                                top_k=-1, max_tokens=settings.max_new_tokens, seed=settings.seed)
+    results = llm.generate(prompts, params)
+    return [[c.text for c in r.outputs] for r in results]

@@ -1,0 +1,191 @@
+"""Policy models and tokenizers: the built-in tiny Qwen2, local Hugging Face folders, hub names.
+
+The built-in model is a real `Qwen2ForCausalLM` (rotary attention, RMSNorm, SwiGLU MLP,
+`model.layers[-1].mlp` as in Qwen2.5) with a character-level tokenizer built here with the
+`tokenizers` library and a Qwen-style chat template, so every code path that serves a real
+checkpoint (chat rendering, generation, hooks, saving and loading) is exercised offline.
+
+Loading pitfall handled here (measured with transformers 5): `AutoTokenizer` on a folder whose
+`config.json` says ``qwen2`` builds a `Qwen2Tokenizer` from our `tokenizer.json` and silently drops
+spaces and newlines. A folder that declares a generic fast tokenizer is therefore loaded with
+`PreTrainedTokenizerFast`, and every loaded tokenizer must round-trip a probe text exactly.
+
+A pass-through reference (`model_ref.json`, written when warm-up is switched off for a real base
+model) lets a stage output name a model without copying its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rlvr.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+PAD, IM_START, IM_END, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
+SPECIAL_TOKENS = (PAD, IM_START, IM_END, UNK)
+# Printable ASCII plus newline and tab covers the built-in task and the LaTeX of the benchmarks;
+# anything else maps to <unk> (the tiny model cannot solve those problems anyway).
+CHARACTERS = tuple(chr(c) for c in range(32, 127)) + ("\n", "\t")
+# Qwen-style turns; the generation prompt opens the assistant turn, and a conversation that ends
+# with an assistant turn renders as the generation prompt followed by the answer, so TRL can mask
+# prompt tokens by prefix.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MODEL_REF = "model_ref.json"
+ROUNDTRIP_PROBE = "Compute 12+3.\n\n12+3=15\n\n\\boxed{15} x  y\tz"
+_GENERIC_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with Qwen's special tokens and a Qwen-style chat template."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=IM_END, pad_token=PAD, unk_token=UNK
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_tiny_qwen2(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    max_positions: int,
+    seed: int,
+) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 causal LM sized for CPU training."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def check_roundtrip(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    ids = tokenizer(ROUNDTRIP_PROBE, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids)
+    if decoded != ROUNDTRIP_PROBE:
+        raise ModelLoadError(
+            f"{where}: tokenizer does not round-trip text (decode(encode(x)) != x): "
+            f"{ROUNDTRIP_PROBE!r} -> {decoded!r}. Whitespace would be lost in prompts and rewards."
+        )
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> None:
+    """Save model and tokenizer atomically: `path` holds either the old or the new complete model."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def write_model_ref(path: str | os.PathLike, name_or_path: str) -> None:
+    """Make `path` a pass-through folder that names another model instead of copying it."""
+    with atomic_dir(path) as tmp:
+        write_json(Path(tmp) / MODEL_REF, {"model": name_or_path})
+
+
+def resolve(name_or_path: str | os.PathLike) -> str:
+    """Follow pass-through references; return a local folder or a hub name."""
+    seen = set()
+    current = str(name_or_path)
+    while (Path(current) / MODEL_REF).is_file():
+        if current in seen:
+            raise ModelLoadError(f"{name_or_path}: {MODEL_REF} references form a cycle")
+        seen.add(current)
+        current = json.loads((Path(current) / MODEL_REF).read_text())["model"]
+    return current
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a slash, or rooted, is a filesystem path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    source = resolve(name_or_path)
+    config_file = Path(source) / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in _GENERIC_TOKENIZER_CLASSES:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    check_roundtrip(tokenizer, source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(
+    name_or_path: str | os.PathLike,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local folder, a pass-through folder or a hub name.
+
+    A name that looks like a path but does not exist is an error here, rather than a confusing hub
+    lookup. Hub names need network access or a populated Hugging Face cache.
+    """
+    source = resolve(name_or_path)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{local}: not a model folder (no config.json)")
+        source = str(local)
+    elif _looks_like_path(source) or local.exists():
+        raise ModelLoadError(f"{source}: model path does not exist (give a model folder or a hub name)")
+    try:
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise ModelLoadError(f"{source}: cannot load model ({error})") from error
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
