@@ -141,6 +141,8 @@ class Prepare:
         for key, sources in (("prepare.train", self.train), ("prepare.eval", self.eval)):
             names = [s.name for s in sources]
             _require(len(set(names)) == len(names), key, names, "source names must be unique")
+            builtin = [s.name for s in sources if s.builtin]
+            _require(len(builtin) <= 1, key, builtin, "use at most one builtin source per list")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,9 @@ _KILL_MARGIN_S = 0.5
 # A worker imports SymPy and math-verify and grades one warm-up item before it reports ready;
 # that takes a second or two, so a worker that is not ready after this long is broken, not slow.
 _STARTUP_TIMEOUT_S = 120.0
+# Start-up failures in a row (no worker got ready in between) before the pool gives up: one can be
+# bad luck (the OOM killer), several mean the environment is broken and retrying would loop forever.
+_MAX_STARTUP_FAILURES = 3
 # How long terminate() gets before kill(), and close() gets before terminate().
 _EXIT_GRACE_S = 1.0
 
@@ -71,8 +74,8 @@ def extract_boxed(text: str) -> str | None:
 
     Braces are matched with a depth counter that skips escaped characters, so `\\boxed{\\frac{1}{2}}`
     gives `\\frac{1}{2}` and `\\boxed{\\{1, 2\\}}` gives `\\{1, 2\\}`. Returns None when there is no
-    box, or when the last box is unbalanced or empty-handed (`\\boxed` at the end of the text): a
-    truncated final answer is not replaced by an earlier, abandoned one.
+    box, or when the last box is unbalanced or has no argument (`\\boxed` at the end of the text):
+    a truncated final answer is not replaced by an earlier, abandoned one.
     """
     matches = list(_BOX_COMMAND.finditer(text))
     if not matches:
@@ -280,7 +283,8 @@ class Grader:
     scores 0.0 (grade) or False (parseable); so does an item whose worker dies. `timeouts` counts
     items that ran out of time, whether math-verify's alarm stopped them inside the worker or the
     worker had to be killed; `restarts` counts workers replaced after a kill or a crash.
-    Not thread-safe: call it from one thread.
+    Not thread-safe: call it from one thread. Workers are spawned, so they re-import the calling
+    script: scripts need the usual `if __name__ == "__main__":` guard.
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0):
@@ -295,6 +299,7 @@ class Grader:
         # spawn, not fork: the parent may hold torch/tokenizer threads and locks that fork would copy.
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
+        self._startup_failures = 0
         self._closed = False
 
     def __enter__(self) -> Grader:
@@ -378,9 +383,10 @@ class Grader:
             if worker.conn in ready or worker.process.sentinel in ready:
                 message = _receive(worker)
                 if message is None:
-                    finished += self._lose(slot, results, f"exited with code {worker.process.exitcode}")
+                    finished += self._lose(slot, results, died=True)
                 elif message == "ready":
                     worker.ready = True
+                    self._startup_failures = 0
                 else:
                     value, timed_out = message
                     self.timeouts += int(timed_out)
@@ -389,18 +395,26 @@ class Grader:
                     worker.deadline = math.inf
                     finished += 1
             elif time.monotonic() >= _deadline(worker):
-                finished += self._lose(slot, results, "ran past its deadline")
+                finished += self._lose(slot, results, died=False)
         return finished
 
-    def _lose(self, slot: int, results: list, why: str) -> int:
+    def _lose(self, slot: int, results: list, died: bool) -> int:
         """Replace a worker that died or overran and score its item as killed; return items finished."""
         worker = self._workers[slot]
-        if not worker.ready:  # a worker that cannot even start will not start next time either
-            self.close()
-            raise RuntimeError(
-                f"grader worker {why} during start-up (limit {_STARTUP_TIMEOUT_S:.0f} s); "
-                "check that `python -c 'import rlvr.grading'` works in this environment"
-            )
+        _stop(worker, _EXIT_GRACE_S)
+        if not worker.ready:
+            why = f"exited with code {worker.process.exitcode}" if died else "did not get ready in time"
+            self._startup_failures += 1
+            if self._startup_failures >= _MAX_STARTUP_FAILURES:
+                self.close()
+                raise RuntimeError(
+                    f"grader worker {why} during start-up, {self._startup_failures} times in a row "
+                    f"(start-up limit {_STARTUP_TIMEOUT_S:.0f} s); check that "
+                    "`python -c 'import rlvr.grading'` works and that the calling script has an "
+                    "`if __name__ == \"__main__\":` guard (spawned workers re-import it)"
+                )
+            self._replace(slot)
+            return 0
         self._replace(slot)
         self.timeouts += 1
         results[worker.item] = (None, True)

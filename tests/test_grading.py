@@ -157,7 +157,17 @@ MIXED_COMPLETIONS = [
     r"\boxed{26}",
     r"\boxed{27}",
 ]
-MIXED_GOLDS = ["0.5", "4", "5", r"\left( 3, \frac{\pi}{2} \right)", "", r"\text{ellipse}", r"336^\circ", "27.0", "27.0"]
+MIXED_GOLDS = [
+    "0.5",
+    "4",
+    "5",
+    r"\left( 3, \frac{\pi}{2} \right)",
+    "",  # unparseable gold: None, not 0.0
+    r"\text{ellipse}",
+    r"336^\circ",
+    "27.0",
+    "27.0",
+]
 
 
 @pytest.fixture(scope="module")

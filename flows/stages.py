@@ -1,0 +1,52 @@
+"""Each DVC stage as a Prefect flow: what every `cmd` in dvc.yaml runs.
+
+A flow loads and validates params.yaml, opens the stage's MLflow run (params, git commit, inputs
+with their DVC digests), runs the stage in a Prefect task, logs its metrics to MLflow and leaves a
+Prefect table artifact with them. Logic lives in `stages/` and `rlvr/`; this module is wiring.
+Retries are deliberately absent here: a stage failure is a bug or bad input, not a flaky call.
+
+Run one stage by hand:  python -m flows prepare   (dvc repro runs the same command)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from rlvr import config, tracking
+from stages import evaluate, prepare, warmup
+
+
+def _artifact_key(stage: str) -> str:
+    return f"{stage}-metrics"
+
+
+def run_stage(stage: str, main: Callable[[config.Params], dict], params_file: str) -> dict:
+    params = task(config.load, name="load-params")(params_file)
+    with tracking.stage_run(stage, params) as run:
+        metrics = task(main, name=stage)(params)
+        tracking.log_metrics(metrics)
+    rows = [{"metric": k, "value": v} for k, v in tracking.flatten_metrics(metrics).items()]
+    create_table_artifact(table=rows, key=_artifact_key(stage),
+                          description=f"`{stage}` metrics (MLflow run {run.info.run_id})")
+    return metrics
+
+
+@flow(name="prepare")
+def prepare_flow(params_file: str = "params.yaml") -> dict:
+    return run_stage("prepare", prepare.main, params_file)
+
+
+@flow(name="warmup")
+def warmup_flow(params_file: str = "params.yaml") -> dict:
+    return run_stage("warmup", warmup.main, params_file)
+
+
+@flow(name="evaluate")
+def evaluate_flow(params_file: str = "params.yaml") -> dict:
+    return run_stage("evaluate", evaluate.main, params_file)
+
+
+FLOWS = {"prepare": prepare_flow, "warmup": warmup_flow, "evaluate": evaluate_flow}

@@ -1,0 +1,129 @@
+"""Stage `evaluate`: n samples per problem, graded by the shared grader, unbiased pass@k with CIs.
+
+For each benchmark in `params.evaluate.benchmarks` (prepared by `prepare`), sample
+`evaluate.n_samples` completions per problem (temperature, top_p and max_new_tokens from params;
+transformers in-process, or vLLM when installed and selected), grade them with the same grader the
+GRPO reward uses, and report pass@k for every k with percentile-bootstrap confidence intervals, plus
+greedy accuracy when `evaluate.greedy` is on. Benchmarks other than the built-in task are cut to a
+fixed subset of `evaluate.subset_size` problems (by a hash of the problem id) unless it is null.
+
+Inputs:  models/warmup (the policy), data/prepared/eval/<name>.parquet
+Outputs: metrics/eval.json (per benchmark), data/evaluated/<name>.parquet (per-problem samples,
+         correctness matrix and greedy result)
+Run:     dvc repro evaluate   (or: python -m flows.stages evaluate)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rlvr import models, passk
+from rlvr.config import Params
+from rlvr.generation import SamplingSettings, choose_backend, render, sample_transformers, sample_vllm
+from rlvr.grading import Grader, extract_boxed
+from rlvr.io import atomic_dir, read_parquet, write_json
+
+log = logging.getLogger(__name__)
+
+MODEL = Path("models/warmup")
+EVAL_DIR = Path("data/prepared/eval")
+OUTPUT = Path("data/evaluated")
+METRICS = Path("metrics/eval.json")
+BUILTIN_BENCHMARK = "arith"
+
+
+def fixed_subset(frame: pd.DataFrame, size: int | None) -> pd.DataFrame:
+    """The `size` problems with the smallest sha1(id): stable under reordering and appends."""
+    if size is None or size >= len(frame):
+        return frame.reset_index(drop=True)
+    keys = frame["id"].map(lambda i: hashlib.sha1(i.encode()).hexdigest())
+    return frame.loc[keys.sort_values(kind="stable").index[:size]].reset_index(drop=True)
+
+
+def generate(params: Params, model_dir: Path, prompts: list[str], settings: SamplingSettings, desc: str,
+             loaded: tuple | None) -> list[list[str]]:
+    backend = choose_backend(params.evaluate.backend)
+    if backend == "vllm":
+        return sample_vllm(models.resolve(model_dir), prompts, settings, params.model.trust_remote_code)
+    model, tokenizer = loaded
+    return sample_transformers(model, tokenizer, prompts, settings, params.evaluate.batch_size, desc=desc)
+
+
+def grade_matrix(grader: Grader, samples: list[list[str]], golds: list[str]) -> np.ndarray:
+    """(problems x n) float matrix of 1.0 / 0.0, NaN where the gold answer is unparseable."""
+    flat = [(s, g) for row, g in zip(samples, golds) for s in row]
+    scores = grader.grade([s for s, _ in flat], [g for _, g in flat])
+    values = np.array([np.nan if x is None else x for x in scores], dtype=float)
+    return values.reshape(len(samples), -1)
+
+
+def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir: Path, loaded,
+                       tokenizer, grader: Grader) -> tuple[dict, pd.DataFrame]:
+    e = params.evaluate
+    prompts = [render(tokenizer, p, params.prompt) for p in frame["problem"]]
+    golds = frame["answer"].tolist()
+    settings = SamplingSettings(n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
+                                max_new_tokens=e.max_new_tokens, seed=params.seed)
+    start, timeouts_before = time.perf_counter(), grader.timeouts
+    samples = generate(params, model_dir, prompts, settings, f"evaluate {name}", loaded)
+    scores = grade_matrix(grader, samples, golds)
+    unparseable = np.isnan(scores).any(axis=1)
+    if unparseable.all():
+        raise RuntimeError(f"evaluate {name}: no problem has a gold answer the grader can parse")
+    correct = scores[~unparseable] >= 1.0
+    metrics = passk.summarize(correct, list(e.ks), n_boot=e.n_bootstrap, seed=params.seed)
+    metrics["unparseable_gold"] = int(unparseable.sum())
+    metrics["boxed_frac"] = float(np.mean([extract_boxed(s) is not None for row in samples for s in row]))
+    metrics["mean_completion_chars"] = float(np.mean([len(s) for row in samples for s in row]))
+    result = frame[["id", "problem", "answer"]].copy()
+    result["samples"] = samples
+    result["correct"] = [list(map(bool, row >= 1.0)) for row in scores]
+    result["n_correct"] = [int((row >= 1.0).sum()) for row in scores]
+    if e.greedy:
+        greedy = generate(params, model_dir, prompts, SamplingSettings(1, 1.0, 1.0, e.max_new_tokens, greedy=True,
+                                                                      seed=params.seed), f"greedy {name}", loaded)
+        greedy_scores = grade_matrix(grader, greedy, golds)[:, 0]
+        metrics["greedy_accuracy"] = float(np.mean(greedy_scores[~unparseable] >= 1.0))
+        result["greedy"] = [g[0] for g in greedy]
+        result["greedy_correct"] = greedy_scores >= 1.0
+    metrics["grade_timeouts"] = grader.timeouts - timeouts_before
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    return metrics, result
+
+
+def run(params: Params, model_dir: Path = MODEL, eval_dir: Path = EVAL_DIR) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """Evaluate every configured benchmark; return (metrics per benchmark, per-problem frames)."""
+    frames = {}
+    for name in params.evaluate.benchmarks:
+        frame = read_parquet(eval_dir / f"{name}.parquet", required=("id", "problem", "answer"))
+        frames[name] = frame if name == BUILTIN_BENCHMARK else fixed_subset(frame, params.evaluate.subset_size)
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    loaded = (model, tokenizer)
+    metrics, results = {}, {}
+    with Grader(workers=2, timeout_s=params.evaluate.grade_timeout_s) as grader:
+        for name, frame in frames.items():
+            metrics[name], results[name] = evaluate_benchmark(params, name, frame, model_dir, loaded, tokenizer, grader)
+            log.info("evaluate %s: %s", name, {k: round(v, 4) for k, v in metrics[name].items()})
+    return metrics, results
+
+
+def write(results: dict[str, pd.DataFrame], output: Path = OUTPUT) -> None:
+    with atomic_dir(output) as tmp:
+        for name, frame in results.items():
+            frame.to_parquet(tmp / f"{name}.parquet", index=False)
+
+
+def main(params: Params) -> dict:
+    metrics, results = run(params)
+    write(results)
+    write_json(METRICS, metrics)
+    return metrics

@@ -1,0 +1,104 @@
+"""End to end: `dvc repro` of the whole default DAG (shrunk params) in a temporary git repository."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, small_params_dict
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROJECT_FILES = ["dvc.yaml", "pyproject.toml", "rlvr", "stages", "flows", "data/sources", ".dvc/config",
+                 ".dvcignore"]
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(repo)
+    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return {stage for stage in ("prepare", "warmup", "evaluate") if f"Running stage '{stage}'" in output}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
+    params = small_params_dict()
+    params["prepare"]["eval"][1]["path"] = "data/sources/benchmarks/gsm8k/test.jsonl"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline under test"], cwd=repo, check=True)
+    first = _dvc(repo, "repro")
+    return repo, first
+
+
+def test_first_repro_runs_every_stage_and_writes_sane_metrics(repo):
+    path, output = repo
+    assert _ran(output) == {"prepare", "warmup", "evaluate"}
+    prepared = json.loads((path / "metrics/prepare.json").read_text())
+    assert prepared["train_rows"] > 200 and prepared["eval_gsm8k_rows"] == 40
+    warm = json.loads((path / "metrics/warmup.json").read_text())
+    assert warm["steps"] == 20 and warm["final_loss"] < warm["first_loss"]
+    evaluated = json.loads((path / "metrics/eval.json").read_text())
+    for name in ("arith", "gsm8k"):
+        m = evaluated[name]
+        assert 0.0 <= m["pass_at_1"] <= m["pass_at_2"] <= m["pass_at_4"] <= 1.0
+        assert m["pass_at_1_ci_low"] <= m["pass_at_1"] <= m["pass_at_1_ci_high"]
+    assert evaluated["gsm8k"]["n_problems"] == 6
+    lock = yaml.safe_load((path / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare", "warmup", "evaluate"}
+
+
+def test_mlflow_records_one_run_per_stage_with_dvc_digests(repo):
+    path, _ = repo
+    lock = yaml.safe_load((path / "dvc.lock").read_text())["stages"]
+    with sqlite3.connect(path / "mlruns/mlflow.db") as db:
+        runs = dict(db.execute("select run_uuid, name from runs").fetchall())
+        tags = db.execute("select run_uuid, key, value from tags").fetchall()
+        inputs = db.execute(
+            "select i.destination_id, d.name, d.digest from inputs i join datasets d "
+            "on i.source_id = d.dataset_uuid").fetchall()
+    assert sorted(runs.values()) == ["evaluate", "prepare", "warmup"]
+    stage_of = {run: value for run, key, value in tags if key == "dvc.stage"}
+    assert sorted(stage_of.values()) == ["evaluate", "prepare", "warmup"]
+    assert all(len(value) >= 40 for _, key, value in tags if key == "git.commit")
+    recorded = {(stage_of[run], name): digest for run, name, digest in inputs}
+    expected = {(stage, dep["path"]): dep["md5"] for stage, spec in lock.items() for dep in spec["deps"]
+                if dep["path"].startswith(("data/prepared", "models/"))}
+    assert expected and {k: recorded.get(k) for k in expected} == expected
+    outputs = {(stage_of[run], key.removeprefix("output:")): value for run, key, value in tags
+               if key.startswith("output:")}
+    assert outputs[("warmup", "models/warmup")] == next(
+        o["md5"] for o in lock["warmup"]["outs"] if o["path"] == "models/warmup")
+
+
+def test_second_repro_does_nothing_and_an_evaluate_param_reruns_only_evaluate(repo):
+    path, _ = repo
+    assert _ran(_dvc(path, "repro")) == set()
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["evaluate"]["temperature"] = 0.7
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_dvc(path, "repro")) == {"evaluate"}
+    assert (path / ".prefect").is_dir()
