@@ -7,6 +7,7 @@ Prefect UI and no analytics are sent; values already in the environment win.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=sorted(FLOWS))
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    # Prefect attaches its API handler to the extra loggers but leaves their level at the root's
+    # WARNING; INFO is where the stages report counts and timings.
+    for name in os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"].split(","):
+        logging.getLogger(name.strip()).setLevel(logging.INFO)
     FLOWS[args.stage](params_file=args.params)
     return 0
 

@@ -149,7 +149,7 @@ class Prepare:
 class Warmup:
     # Off: the base model passes through unchanged (the usual choice for a real checkpoint).
     enabled: bool = True
-    max_steps: int = 800
+    max_steps: int = 600
     batch_size: int = 64
     learning_rate: float = 2e-3
     lr_scheduler: str = "cosine"

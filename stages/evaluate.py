@@ -122,8 +122,21 @@ def write(results: dict[str, pd.DataFrame], output: Path = OUTPUT) -> None:
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
 
 
+def summary(metrics: dict) -> str:
+    """A few lines a person reads after a run: pass@1 with its CI and greedy accuracy per benchmark."""
+    lines = []
+    for name, m in metrics.items():
+        line = (f"{name:>10}: pass@1 {m['pass_at_1']:.3f} [{m['pass_at_1_ci_low']:.3f}, {m['pass_at_1_ci_high']:.3f}]"
+                f" over {m['n_problems']} problems x {m['n_samples']} samples")
+        if "greedy_accuracy" in m:
+            line += f", greedy {m['greedy_accuracy']:.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(params: Params) -> dict:
     metrics, results = run(params)
     write(results)
     write_json(METRICS, metrics)
+    log.info("evaluation summary\n%s", summary(metrics))
     return metrics
