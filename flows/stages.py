@@ -16,7 +16,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
 from rlvr import config, tracking
-from stages import evaluate, prepare, warmup
+from stages import evaluate, prepare, score, train, warmup
 
 
 def _artifact_key(stage: str) -> str:
@@ -44,9 +44,20 @@ def warmup_flow(params_file: str = "params.yaml") -> dict:
     return run_stage("warmup", warmup.main, params_file)
 
 
+@flow(name="score")
+def score_flow(params_file: str = "params.yaml") -> dict:
+    return run_stage("score", score.main, params_file)
+
+
+@flow(name="train")
+def train_flow(params_file: str = "params.yaml") -> dict:
+    return run_stage("train", train.main, params_file)
+
+
 @flow(name="evaluate")
 def evaluate_flow(params_file: str = "params.yaml") -> dict:
     return run_stage("evaluate", evaluate.main, params_file)
 
 
-FLOWS = {"prepare": prepare_flow, "warmup": warmup_flow, "evaluate": evaluate_flow}
+FLOWS = {"prepare": prepare_flow, "warmup": warmup_flow, "score": score_flow, "train": train_flow,
+         "evaluate": evaluate_flow}

@@ -166,6 +166,79 @@ class Warmup:
 
 
 @dataclass(frozen=True)
+class OneShot:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Score:
+    """GAIN-RL offline ranking: chat rendering for the angle pass, and the score weights."""
+
+    system: str | None = None
+    one_shot: OneShot | None = None
+    batch_size: int = 64
+    w_intra: float = 1.0
+    w_inter: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "score.batch_size", self.batch_size, "use a positive batch size")
+
+
+@dataclass(frozen=True)
+class GainRL:
+    """Online GAIN-RL. null for sigma, n, delta_max: the reference values (1000, 500, 1000, tuned for
+    about 5,000 prompts) scaled by N / 5000 for a set of N prompts."""
+
+    sigma: float | None = None
+    n: float | None = None
+    alpha: float = 2.0
+    beta: float = 0.5
+    delta_min: float = 0.0
+    delta_max: float | None = None
+    mu0: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.sigma is None or self.sigma > 0, "train.gain_rl.sigma", self.sigma, "use sigma > 0 or null")
+        _require(self.delta_max is None or self.delta_max >= self.delta_min, "train.gain_rl.delta_max",
+                 self.delta_max, f"must be >= delta_min ({self.delta_min})")
+
+
+TRAIN_ORDERS = ("gain_rl", "length", "random", "uniform")
+
+
+@dataclass(frozen=True)
+class Train:
+    # gain_rl: GAIN-RL dynamic sampling over the `score` ranking; length: shortest question first;
+    # random: a seeded fixed permutation; uniform: TRL's default reshuffling.
+    order: str = "gain_rl"
+    max_steps: int = 200
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "constant"
+    beta: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 48
+    loss_type: str = "dapo"
+    save_steps: int = 50
+    logging_steps: int = 5
+    use_vllm: bool = False
+    gain_rl: GainRL = field(default_factory=GainRL)
+
+    def __post_init__(self) -> None:
+        _require(self.order in TRAIN_ORDERS, "train.order", self.order, f"use one of {list(TRAIN_ORDERS)}")
+        _require(self.num_generations >= 2, "train.num_generations", self.num_generations,
+                 "GRPO needs at least 2 generations per prompt to compute group advantages")
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "use 0 (no training) or more steps")
+        _require(self.prompts_per_step >= 1, "train.prompts_per_step", self.prompts_per_step, "use at least 1")
+        _require(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "use a rate >= 0")
+        _require(self.temperature > 0, "train.temperature", self.temperature, "sampling needs temperature > 0")
+        _require(self.save_steps >= 1, "train.save_steps", self.save_steps, "use a positive interval")
+
+
+@dataclass(frozen=True)
 class Evaluate:
     benchmarks: tuple[str, ...] = ("arith",)
     n_samples: int = 8
@@ -178,6 +251,8 @@ class Evaluate:
     # hash of the problem id, so it does not move when files are reordered); null = the full set.
     subset_size: int | None = 32
     greedy: bool = True
+    # Also evaluate the warm-up model with the same settings and report the paired difference.
+    baseline: bool = True
     n_bootstrap: int = 1000
     backend: str = "auto"
     grade_timeout_s: float = 10.0
@@ -211,6 +286,8 @@ class Params:
     prompt: Prompt
     prepare: Prepare
     warmup: Warmup
+    score: Score
+    train: Train
     evaluate: Evaluate
     tracking: Tracking = field(default_factory=Tracking)
 

@@ -65,6 +65,8 @@ _STARTUP_TIMEOUT_S = 120.0
 # Start-up failures in a row (no worker got ready in between) before the pool gives up: one can be
 # bad luck (the OOM killer), several mean the environment is broken and retrying would loop forever.
 _MAX_STARTUP_FAILURES = 3
+# Distinct (answer, gold) grades remembered per Grader: ~100 bytes each, so about 20 MB at most.
+_KNOWN_LIMIT = 200_000
 # How long terminate() gets before kill(), and close() gets before terminate().
 _EXIT_GRACE_S = 1.0
 
@@ -301,6 +303,8 @@ class Grader:
         self._workers: list[_Worker] = []
         self._startup_failures = 0
         self._closed = False
+        # Grades of (answer, gold) pairs already seen; items that ran out of time are not kept.
+        self._known: dict[tuple[str | None, str], float | None] = {}
 
     def __enter__(self) -> Grader:
         return self
@@ -330,8 +334,17 @@ class Grader:
             )
         _check_strings("completions", completions)
         _check_strings("golds", golds)
-        results = self._run("grade", list(zip(completions, golds)))
-        return [0.0 if timed_out_hard else value for value, timed_out_hard in results]
+        # A grade depends only on (last boxed answer, gold): a GRPO group of 8 often repeats an
+        # answer, and golds repeat across a group. Each distinct pair not already known goes to the
+        # pool once, as the canonical completion "\\boxed{answer}" (or "" when there is no box).
+        keys = [(extract_boxed(c), g) for c, g in zip(completions, golds)]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._known))
+        items = [("" if answer is None else f"\\boxed{{{answer}}}", gold) for answer, gold in todo]
+        fresh = dict(zip(todo, self._run("grade", items)))
+        for key, (value, killed) in fresh.items():
+            if not killed and len(self._known) < _KNOWN_LIMIT:
+                self._known[key] = value
+        return [self._known[k] if k in self._known else 0.0 for k in keys]
 
     def parseable(self, golds: list[str]) -> list[bool]:
         """gold_is_parseable over golds; False for items that time out or crash their worker."""

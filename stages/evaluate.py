@@ -7,9 +7,12 @@ GRPO reward uses, and report pass@k for every k with percentile-bootstrap confid
 greedy accuracy when `evaluate.greedy` is on. Benchmarks other than the built-in task are cut to a
 fixed subset of `evaluate.subset_size` problems (by a hash of the problem id) unless it is null.
 
-Inputs:  models/warmup (the policy), data/prepared/eval/<name>.parquet
-Outputs: metrics/eval.json (per benchmark), data/evaluated/<name>.parquet (per-problem samples,
-         correctness matrix and greedy result)
+With `evaluate.baseline` the warm-up model is evaluated with the same settings, and the paired
+difference of pass@1 (same problems; bootstrap over problems) says whether RL helped.
+
+Inputs:  models/policy, models/warmup (baseline), data/prepared/eval/<name>.parquet
+Outputs: metrics/eval.json (per benchmark; the baseline under "warmup"),
+         data/evaluated/<model>/<name>.parquet (per-problem samples, correctness matrix, greedy result)
 Run:     dvc repro evaluate   (or: python -m flows.stages evaluate)
 """
 
@@ -32,7 +35,8 @@ from rlvr.io import atomic_dir, read_parquet, write_json
 
 log = logging.getLogger(__name__)
 
-MODEL = Path("models/warmup")
+MODEL = Path("models/policy")
+BASELINE = Path("models/warmup")
 EVAL_DIR = Path("data/prepared/eval")
 OUTPUT = Path("data/evaluated")
 METRICS = Path("metrics/eval.json")
@@ -98,28 +102,57 @@ def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir
     return metrics, result
 
 
-def run(params: Params, model_dir: Path = MODEL, eval_dir: Path = EVAL_DIR) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """Evaluate every configured benchmark; return (metrics per benchmark, per-problem frames)."""
+def paired_delta(policy: pd.DataFrame, baseline: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    """pass@1 of policy minus baseline on the same problems, with a paired bootstrap CI over problems."""
+    if policy["id"].tolist() != baseline["id"].tolist():
+        raise ValueError("paired_delta needs both models evaluated on the same problems in the same order")
+    diff = np.array([np.mean(a) - np.mean(b) for a, b in zip(policy["correct"], baseline["correct"])])
+    low, high = passk.bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+    return {"delta_pass_at_1": float(diff.mean()), "delta_pass_at_1_ci_low": low, "delta_pass_at_1_ci_high": high}
+
+
+def run(params: Params, model_dirs: dict[str, Path] | None = None,
+        eval_dir: Path = EVAL_DIR) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """Evaluate the policy (and the warm-up baseline when `evaluate.baseline`) on every benchmark.
+
+    Returns metrics per benchmark (the policy's at the top level, the baseline's under "warmup",
+    plus the paired pass@1 difference) and the per-problem frames keyed "<model>/<benchmark>".
+    """
+    if model_dirs is None:
+        model_dirs = {"policy": MODEL}
+        if params.evaluate.baseline:
+            model_dirs["warmup"] = BASELINE
     frames = {}
     for name in params.evaluate.benchmarks:
         frame = read_parquet(eval_dir / f"{name}.parquet", required=("id", "problem", "answer"))
         frames[name] = frame if name == BUILTIN_BENCHMARK else fixed_subset(frame, params.evaluate.subset_size)
-    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    loaded = (model, tokenizer)
-    metrics, results = {}, {}
+    metrics: dict[str, dict] = {name: {} for name in frames}
+    results: dict[str, pd.DataFrame] = {}
     with Grader(workers=2, timeout_s=params.evaluate.grade_timeout_s) as grader:
-        for name, frame in frames.items():
-            metrics[name], results[name] = evaluate_benchmark(params, name, frame, model_dir, loaded, tokenizer, grader)
-            log.info("evaluate %s: %s", name, {k: round(v, 4) for k, v in metrics[name].items()})
+        for label, model_dir in model_dirs.items():
+            model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+            for name, frame in frames.items():
+                m, results[f"{label}/{name}"] = evaluate_benchmark(params, name, frame, model_dir, (model, tokenizer),
+                                                                   tokenizer, grader)
+                log.info("evaluate %s on %s: %s", label, name, {k: round(v, 4) for k, v in m.items()})
+                if label == "policy":
+                    metrics[name].update(m)
+                else:
+                    metrics[name][label] = m
+    if "policy" in model_dirs and "warmup" in model_dirs:
+        for name in frames:
+            metrics[name].update(paired_delta(results[f"policy/{name}"], results[f"warmup/{name}"],
+                                              params.evaluate.n_bootstrap, params.seed))
     return metrics, results
 
 
 def write(results: dict[str, pd.DataFrame], output: Path = OUTPUT) -> None:
     with atomic_dir(output) as tmp:
-        for name, frame in results.items():
-            frame.to_parquet(tmp / f"{name}.parquet", index=False)
+        for key, frame in results.items():
+            (tmp / key).parent.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(tmp / f"{key}.parquet", index=False)
 
 
 def summary(metrics: dict) -> str:
@@ -130,6 +163,9 @@ def summary(metrics: dict) -> str:
                 f" over {m['n_problems']} problems x {m['n_samples']} samples")
         if "greedy_accuracy" in m:
             line += f", greedy {m['greedy_accuracy']:.3f}"
+        if "delta_pass_at_1" in m:
+            line += (f"; vs warm-up: {m['delta_pass_at_1']:+.3f} "
+                     f"[{m['delta_pass_at_1_ci_low']:+.3f}, {m['delta_pass_at_1_ci_high']:+.3f}]")
         lines.append(line)
     return "\n".join(lines)
 

@@ -33,28 +33,43 @@ def test_evaluate_writes_sane_metrics_and_matrices(small_params, in_tmp):
     prepare.main(small_params)
     tokenizer = models.build_char_tokenizer()
     models.save_model(models.build_tiny_qwen2(tokenizer, 32, 2, 4, 2, 64, 1024, seed=0), tokenizer, "models/warmup")
+    models.save_model(models.build_tiny_qwen2(tokenizer, 32, 2, 4, 2, 64, 1024, seed=1), tokenizer, "models/policy")
     metrics = evaluate.main(small_params)
     assert set(metrics) == {"arith", "gsm8k"}
-    for name, m in metrics.items():
-        ks = small_params.evaluate.ks
-        values = [m[f"pass_at_{k}"] for k in ks]
-        assert all(0.0 <= v <= 1.0 for v in values)
-        assert values == sorted(values), "pass@k must not decrease with k"
-        for k in ks:
-            assert m[f"pass_at_{k}_ci_low"] <= m[f"pass_at_{k}"] <= m[f"pass_at_{k}_ci_high"]
-        assert m["n_samples"] == small_params.evaluate.n_samples
-        assert 0.0 <= m["greedy_accuracy"] <= 1.0
-        frame = pd.read_parquet(in_tmp / f"data/evaluated/{name}.parquet")
-        assert len(frame) == m["n_problems"]
-        assert all(len(row) == small_params.evaluate.n_samples for row in frame["correct"])
-        # pass@1 is exactly the mean of the saved correctness matrix
-        assert m["pass_at_1"] == pytest.approx(np.mean([np.mean(row) for row in frame["correct"]]))
+    ks = small_params.evaluate.ks
+    for name, top in metrics.items():
+        for label, m in (("policy", top), ("warmup", top["warmup"])):
+            values = [m[f"pass_at_{k}"] for k in ks]
+            assert all(0.0 <= v <= 1.0 for v in values)
+            assert values == sorted(values), "pass@k must not decrease with k"
+            for k in ks:
+                assert m[f"pass_at_{k}_ci_low"] <= m[f"pass_at_{k}"] <= m[f"pass_at_{k}_ci_high"]
+            assert m["n_samples"] == small_params.evaluate.n_samples
+            assert 0.0 <= m["greedy_accuracy"] <= 1.0
+            frame = pd.read_parquet(in_tmp / f"data/evaluated/{label}/{name}.parquet")
+            assert len(frame) == m["n_problems"]
+            assert all(len(row) == small_params.evaluate.n_samples for row in frame["correct"])
+            # pass@1 is exactly the mean of the saved correctness matrix
+            assert m["pass_at_1"] == pytest.approx(np.mean([np.mean(row) for row in frame["correct"]]))
+        assert top["delta_pass_at_1"] == pytest.approx(top["pass_at_1"] - top["warmup"]["pass_at_1"])
+        assert top["delta_pass_at_1_ci_low"] <= top["delta_pass_at_1"] <= top["delta_pass_at_1_ci_high"]
     assert metrics["gsm8k"]["n_problems"] == small_params.evaluate.subset_size
     assert json.loads((in_tmp / "metrics/eval.json").read_text()) == metrics
     assert "pass@" not in (in_tmp / "metrics/eval.json").read_text()
+    assert "vs warm-up" in evaluate.summary(metrics)
+
+
+def test_paired_delta_hand_worked():
+    policy = pd.DataFrame({"id": ["a", "b"], "correct": [[True, True], [True, False]]})
+    base = pd.DataFrame({"id": ["a", "b"], "correct": [[False, True], [False, False]]})
+    # per problem: (1 - 0.5) and (0.5 - 0) -> mean 0.5; every resample of two values of 0.5 is 0.5
+    assert evaluate.paired_delta(policy, base, 200, 0) == {
+        "delta_pass_at_1": 0.5, "delta_pass_at_1_ci_low": 0.5, "delta_pass_at_1_ci_high": 0.5}
+    with pytest.raises(ValueError, match="same problems"):
+        evaluate.paired_delta(policy, base.iloc[::-1], 200, 0)
 
 
 def test_missing_model_is_a_clear_error(small_params, in_tmp):
     prepare.main(small_params)
     with pytest.raises(models.ModelLoadError, match="does not exist"):
-        evaluate.run(small_params, model_dir=in_tmp / "models/nothing")
+        evaluate.run(small_params, model_dirs={"policy": in_tmp / "models/nothing"})

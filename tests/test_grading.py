@@ -274,3 +274,15 @@ def test_grader_validates_inputs_before_starting():
         Grader(workers=0)
     with pytest.raises(ValueError, match="timeout_s"):
         Grader(timeout_s=0)
+
+
+def test_grade_reuses_known_answer_gold_pairs():
+    # a GRPO group repeats answers; each distinct (boxed answer, gold) pair is graded once
+    completions = ["so \\boxed{3}", "\\boxed{3}", "x=\\boxed{3}.", "\\boxed{4}", "no box", "\\boxed{3}"]
+    golds = ["3", "3", "3", "3", "3", "\\div"]
+    with Grader(workers=1, timeout_s=5.0) as grader:
+        first = grader.grade(completions, golds)
+        assert first == [grade_one(c, g) for c, g in zip(completions, golds)] == [1.0, 1.0, 1.0, 0.0, 0.0, None]
+        assert len(grader._known) == 4  # (3, "3"), (4, "3"), (None, "3"), (3, "\\div")
+        assert grader.grade(completions[::-1], golds[::-1]) == first[::-1]
+        assert len(grader._known) == 4

@@ -15,6 +15,7 @@ from tests.conftest import ROOT, small_params_dict
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+STAGES = ("prepare", "warmup", "score", "train", "evaluate")
 PROJECT_FILES = ["dvc.yaml", "pyproject.toml", "rlvr", "stages", "flows", "data/sources", ".dvc/config",
                  ".dvcignore"]
 
@@ -30,7 +31,7 @@ def _dvc(repo: Path, *args: str) -> str:
 
 
 def _ran(output: str) -> set[str]:
-    return {stage for stage in ("prepare", "warmup", "evaluate") if f"Running stage '{stage}'" in output}
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +57,26 @@ def repo(tmp_path_factory):
 
 def test_first_repro_runs_every_stage_and_writes_sane_metrics(repo):
     path, output = repo
-    assert _ran(output) == {"prepare", "warmup", "evaluate"}
+    assert _ran(output) == set(STAGES)
     prepared = json.loads((path / "metrics/prepare.json").read_text())
     assert prepared["train_rows"] > 200 and prepared["eval_gsm8k_rows"] == 40
     warm = json.loads((path / "metrics/warmup.json").read_text())
     assert warm["steps"] == 20 and warm["final_loss"] < warm["first_loss"]
+    scored = json.loads((path / "metrics/score.json").read_text())
+    assert scored["prompts"] == prepared["train_rows"] and -1.0 <= scored["spearman_score_length"] <= 1.0
+    trained = json.loads((path / "metrics/train.json").read_text())
+    assert trained["steps"] == 4 and 0.0 <= trained["final_reward"] <= 1.0
+    curve = (path / "metrics/train_curve.csv").read_text().splitlines()
+    assert curve[0].startswith("step,") and "gain_rl/mu" in curve[0] and len(curve) == 5
     evaluated = json.loads((path / "metrics/eval.json").read_text())
     for name in ("arith", "gsm8k"):
         m = evaluated[name]
         assert 0.0 <= m["pass_at_1"] <= m["pass_at_2"] <= m["pass_at_4"] <= 1.0
         assert m["pass_at_1_ci_low"] <= m["pass_at_1"] <= m["pass_at_1_ci_high"]
+        assert m["delta_pass_at_1"] == pytest.approx(m["pass_at_1"] - m["warmup"]["pass_at_1"])
     assert evaluated["gsm8k"]["n_problems"] == 6
     lock = yaml.safe_load((path / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "warmup", "evaluate"}
+    assert set(lock["stages"]) == set(STAGES)
 
 
 def test_mlflow_records_one_run_per_stage_with_dvc_digests(repo):
@@ -80,13 +88,13 @@ def test_mlflow_records_one_run_per_stage_with_dvc_digests(repo):
         inputs = db.execute(
             "select i.destination_id, d.name, d.digest from inputs i join datasets d "
             "on i.source_id = d.dataset_uuid").fetchall()
-    assert sorted(runs.values()) == ["evaluate", "prepare", "warmup"]
+    assert sorted(runs.values()) == sorted(STAGES)
     stage_of = {run: value for run, key, value in tags if key == "dvc.stage"}
-    assert sorted(stage_of.values()) == ["evaluate", "prepare", "warmup"]
+    assert sorted(stage_of.values()) == sorted(STAGES)
     assert all(len(value) >= 40 for _, key, value in tags if key == "git.commit")
     recorded = {(stage_of[run], name): digest for run, name, digest in inputs}
     expected = {(stage, dep["path"]): dep["md5"] for stage, spec in lock.items() for dep in spec["deps"]
-                if dep["path"].startswith(("data/prepared", "models/"))}
+                if dep["path"].startswith(("data/", "models/")) and not dep["path"].startswith("data/sources")}
     assert expected and {k: recorded.get(k) for k in expected} == expected
     outputs = {(stage_of[run], key.removeprefix("output:")): value for run, key, value in tags
                if key.startswith("output:")}

@@ -1,0 +1,507 @@
+"""GAIN-RL ("Angles Don't Lie", Wang et al. 2025): angle-concentration ranking and Gaussian sampling.
+
+Offline (the `score` stage), with the current policy and the prompt prefill only:
+
+1. `render_for_angles` renders a question as chat: optional system prompt, optional fixed one-shot
+   exchange, then the question, with the generation prompt opened.
+2. `segments` finds, from the tokenizer's offsets (never hard-coded token counts), the prefix
+   P = every token before the question and the question Q = the tokens covering the question's
+   characters in the last user turn. Trailing tokens (end of turn, generation prompt) are in neither.
+3. `mlp_inputs` captures X = the input of the last decoder layer's MLP (the output of its
+   post-attention RMSNorm), per token, in fp32, and by default stops the forward pass right there, so
+   the last MLP, the final norm and the LM head (the largest matmul and the (B, L, vocab) logits)
+   never run.
+4. `angle_concentration` gives C_intra (mean cosine over Q x Q) and C_inter (mean cosine over Q x P)
+   in O(L * d): with U the unit rows of X, the mean cosine over A x B is <sum_A U, sum_B U> / (|A| |B|),
+   so no L x L matrix is ever formed.
+5. `score_prompts` ranks: score = w_intra * C_intra + w_inter * C_inter, descending, ties by id;
+   rows without a score (empty question) are ranked last, flagged `valid = False` and so counted.
+   `spearman` gives the correlation of the score with question length: the reference release's
+   rankings are almost exactly shortest-prompt-first, so `order_positions(..., "length", ...)` is a
+   required baseline next to "gain_rl" and "random".
+
+Online (the `train` stage; one GAIN-RL "epoch" = one batch of K prompts = one optimizer step):
+
+6. `GaussianSampler` puts weights w_i = exp(-((i - mu) / sigma)^2 / 2) on rank positions
+   i = 0..N-1 (mu clipped to [0, N-1]), draws min(K, N) distinct positions, and moves mu with
+   `mu_update` from the epoch's accuracy and `causal_angle` (the causal mean cosine of each
+   rollout's own tokens at the same hook point). Its state (mu, RNG, draw count) is JSON-serialisable
+   for checkpoints; every rank builds it with the same seed and so draws the same positions.
+7. `expand_for_trl` lays drawn indices out the way TRL's RepeatSampler does.
+
+Reference defaults (`DEFAULT_*`) are the paper's values for N of several thousand prompts;
+`scaled_defaults` scales the ones measured in rank positions for other set sizes.
+
+Not covered: models whose decoder is not at `model.model.layers` (the Qwen2/Llama layout of
+transformers causal LMs); stopping a forward with an exception inside engines that gather sharded
+parameters around the forward (DeepSpeed ZeRO-3) - use `stop_early=False` there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Reference values of the online schedule (paper / reference release), for N of several thousand
+# prompts. sigma, n and the delta bounds are measured in rank positions, so they scale with N.
+DEFAULT_SIGMA = 1000.0
+DEFAULT_N = 500.0
+DEFAULT_ALPHA = 2.0
+DEFAULT_BETA = 0.5
+DEFAULT_DELTA_MIN = 0.0
+DEFAULT_DELTA_MAX = 1000.0
+DEFAULT_MU0 = 0.0
+# The set size the reference values are taken to be tuned for ("several thousand prompts").
+REFERENCE_N_ITEMS = 5000
+
+# Rows of X whose norm is below this are treated as zero vectors (cosine 0 with everything) instead
+# of dividing by zero; real hidden states after an RMSNorm are nowhere near it.
+_NORM_EPS = 1e-12
+
+ORDERS = ("gain_rl", "length", "random")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering and segments
+
+
+def render_for_angles(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    system: str | None,
+    one_shot: tuple[str, str] | None,
+) -> str:
+    """The chat text scored for one question: [system], [one-shot user + assistant], user question,
+    with the generation prompt opened (what the policy would continue)."""
+    turns = []
+    if system:
+        turns.append({"role": "system", "content": system})
+    if one_shot is not None:
+        shot_question, shot_answer = one_shot
+        turns.append({"role": "user", "content": shot_question})
+        turns.append({"role": "assistant", "content": shot_answer})
+    turns.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
+def _encode_with_segments(
+    tokenizer: PreTrainedTokenizerBase, text: str, question: str
+) -> tuple[list[int], int, int]:
+    """Token ids of `text` and the token range [q_start, q_end) of the last occurrence of `question`."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"segments need a fast tokenizer (offset mapping); got {type(tokenizer).__name__}. "
+            "Load it with use_fast=True."
+        )
+    if not question:
+        raise ValueError("the question is empty: it has no tokens to score")
+    char_start = text.rfind(question)
+    if char_start < 0:
+        raise ValueError(
+            f"question not found in the rendered text (the chat template may rewrite content, e.g. "
+            f"trim whitespace): question={question[:80]!r}, text ends {text[-160:]!r}"
+        )
+    char_end = char_start + len(question)
+    # The chat template writes every special token itself (BOS included), as TRL tokenizes prompts.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # A token belongs to Q when its character span overlaps the question's; one that straddles the
+    # boundary (e.g. a merged "\nWhat") is therefore in Q.
+    inside = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a < char_end and b > char_start]
+    if not inside:
+        raise ValueError(f"no token covers the question's characters {char_start}..{char_end}: {question[:80]!r}")
+    return list(encoding["input_ids"]), inside[0], inside[-1] + 1
+
+
+def segments(tokenizer: PreTrainedTokenizerBase, text: str, question: str) -> tuple[int, int, int]:
+    """Token boundaries (p_end, q_start, q_end) of `question` inside the rendered `text`.
+
+    P = tokens [0, p_end) with p_end == q_start: everything before the question (system prompt,
+    one-shot exchange, the role header of the final user turn). Q = tokens [q_start, q_end): the
+    tokens overlapping the question's characters at its LAST occurrence in `text` (the final user
+    turn). Tokens from q_end on (end of turn, generation prompt) are excluded. Indices refer to
+    `tokenizer(text, add_special_tokens=False)`. Raises ValueError for a slow tokenizer, an empty
+    question or a question that the template did not reproduce verbatim.
+    """
+    _, q_start, q_end = _encode_with_segments(tokenizer, text, question)
+    return q_start, q_start, q_end
+
+
+# ---------------------------------------------------------------------------------------------
+# Hidden states at the hook point
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to abandon the rest of the forward pass."""
+
+
+def mlp_inputs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    stop_early: bool = True,
+) -> torch.Tensor:
+    """X = the input of `model.model.layers[-1].mlp` (post-attention RMSNorm output), (B, L, d) fp32.
+
+    With `stop_early` the hook raises after capturing, so the last MLP, the final norm and the LM
+    head never run. Padding may be on either side; `attention_mask` marks real tokens and positions
+    are the model's own (rotary attention is relative, so a constant left-padding shift does not
+    change the real tokens' states). Rows at padding positions are unspecified (can be NaN).
+    The values are the model's dtype upcast to fp32 (a bf16 model gives bf16-precision values).
+    """
+    captured: list[torch.Tensor] = []
+
+    def capture(module: torch.nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach().float())
+        if stop_early:
+            raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = model.model.layers[-1].mlp.register_forward_pre_hook(capture)
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected the last MLP to run once per forward, it ran {len(captured)} times")
+    return captured[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Angle statistics, O(L * d)
+
+
+def _unit_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows of `hidden` scaled to unit norm (zero rows stay zero), and zero where `mask` is False."""
+    if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(f"need hidden (B, L, d) and mask (B, L); got {tuple(hidden.shape)} and {tuple(mask.shape)}")
+    x = hidden.float()
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+    # where, not multiply: padding rows may hold NaN (fully masked attention rows) and NaN * 0 = NaN.
+    return torch.where(mask.bool().unsqueeze(-1), unit, torch.zeros((), dtype=unit.dtype, device=unit.device))
+
+
+def angle_concentration(
+    hidden: torch.Tensor, q_mask: torch.Tensor, p_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence, C_intra = mean cos over Q x Q and C_inter = mean cos over Q x P.
+
+    Means run over all ordered pairs, i == j included, so C_intra = |sum_Q u|^2 / |Q|^2 and
+    C_inter = <sum_Q u, sum_P u> / (|Q| |P|) with u the unit rows: O(L * d) time and memory, no
+    L x L matrix. fp32. A row with an empty Q gets NaN for both; an empty P gives C_inter NaN.
+    """
+    q_mask, p_mask = q_mask.bool(), p_mask.bool()
+    unit = _unit_rows(hidden, q_mask | p_mask)
+    sum_q = torch.einsum("bl,bld->bd", q_mask.float(), unit)
+    sum_p = torch.einsum("bl,bld->bd", p_mask.float(), unit)
+    n_q = q_mask.sum(-1).float()
+    n_p = p_mask.sum(-1).float()
+    nan = torch.tensor(float("nan"), device=unit.device)
+    c_intra = torch.where(n_q > 0, (sum_q * sum_q).sum(-1) / n_q.clamp_min(1) ** 2, nan)
+    c_inter = torch.where((n_q > 0) & (n_p > 0), (sum_q * sum_p).sum(-1) / (n_q * n_p).clamp_min(1), nan)
+    return c_intra, c_inter
+
+
+def causal_angle(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Causal mean cosine of each sequence's own tokens, (B,) fp32.
+
+    Number the valid tokens (mask True) of a sequence j = 1..n in order, with unit rows u_1..u_n.
+    Each token's causal concentration is c_j = <u_j, u_1 + ... + u_j> / j, the mean cosine between
+    the token and every valid token up to and including itself (as causal attention sees them), and
+    the sequence value is (c_1 + ... + c_n) / n. Padding is skipped wherever it sits (left, right or
+    inside). Computed with cumulative sums in O(L * d). A sequence without valid tokens gives NaN.
+    """
+    mask = mask.bool()
+    unit = _unit_rows(hidden, mask)
+    prefix_sums = unit.cumsum(dim=1)
+    counts = mask.cumsum(dim=1).float()
+    per_token = torch.linalg.vecdot(unit, prefix_sums) / counts.clamp_min(1)
+    per_token = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    n_valid = mask.sum(-1).float()
+    nan = torch.tensor(float("nan"), device=unit.device)
+    return torch.where(n_valid > 0, per_token.sum(-1) / n_valid.clamp_min(1), nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline ranking
+
+
+def score_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[str],
+    questions: list[str],
+    system: str | None,
+    one_shot: tuple[str, str] | None,
+    batch_size: int,
+    w_intra: float = 1.0,
+    w_inter: float = 1.0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Rank questions by angle concentration with the current policy (prefill only, stopped early).
+
+    Returns one row per id, sorted by `rank` (0 = first to train on), with columns id, c_intra,
+    c_inter, score, rank, question_length (Q tokens), valid. Order: valid rows by score descending,
+    ties by id ascending; then rows without a finite score (empty question, or a template leaving no
+    prefix while w_inter != 0) by id, with valid = False so the caller can count them. A zero weight
+    drops its term (so a NaN C_inter does not poison a pure-C_intra score).
+
+    Sequences are batched in order of token length (less padding) and padded on
+    `tokenizer.padding_side`; the ranking does not depend on the input order.
+    """
+    if len(ids) != len(questions):
+        raise ValueError(f"ids and questions differ in length: {len(ids)} vs {len(questions)}")
+    if not all(isinstance(i, str) for i in ids):
+        raise ValueError("ids must be strings (ties are broken by string order)")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"ids must be unique; {len(ids) - len(set(ids))} duplicates found")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before scoring")
+    if w_intra == 0 and w_inter == 0:
+        raise ValueError("w_intra and w_inter are both 0: the score would not rank anything")
+
+    n_rows = len(ids)
+    c_intra = np.full(n_rows, np.nan)
+    c_inter = np.full(n_rows, np.nan)
+    question_length = np.zeros(n_rows, dtype=np.int64)
+    encoded: dict[int, tuple[list[int], int, int]] = {}
+    for row, question in enumerate(questions):
+        if not question:
+            continue  # no Q tokens: ranked last, valid = False
+        text = render_for_angles(tokenizer, question, system, one_shot)
+        encoded[row] = _encode_with_segments(tokenizer, text, question)
+        question_length[row] = encoded[row][2] - encoded[row][1]
+
+    by_length = sorted(encoded, key=lambda row: (len(encoded[row][0]), row))
+    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc="angles", disable=not progress):
+            padded = tokenizer.pad({"input_ids": [encoded[row][0] for row in batch]}, return_tensors="pt")
+            attention_mask = padded["attention_mask"].bool()
+            q_mask = torch.zeros_like(attention_mask)
+            p_mask = torch.zeros_like(attention_mask)
+            for slot, row in enumerate(batch):
+                first = int(attention_mask[slot].nonzero()[0])  # where this row's tokens begin
+                _, q_start, q_end = encoded[row]
+                p_mask[slot, first : first + q_start] = True
+                q_mask[slot, first + q_start : first + q_end] = True
+            hidden = mlp_inputs(model, padded["input_ids"], padded["attention_mask"], stop_early=True)
+            intra, inter = angle_concentration(hidden, q_mask.to(hidden.device), p_mask.to(hidden.device))
+            c_intra[batch] = intra.cpu().double().numpy()
+            c_inter[batch] = inter.cpu().double().numpy()
+    finally:
+        model.train(was_training)
+
+    score = np.zeros(n_rows)
+    if w_intra != 0:
+        score = score + w_intra * c_intra
+    if w_inter != 0:
+        score = score + w_inter * c_inter
+    valid = np.isfinite(score)
+    order = sorted(range(n_rows), key=lambda r: (not valid[r], -score[r] if valid[r] else 0.0, ids[r]))
+    frame = pd.DataFrame(
+        {
+            "id": [ids[r] for r in order],
+            "c_intra": c_intra[order],
+            "c_inter": c_inter[order],
+            "score": score[order],
+            "rank": np.arange(n_rows, dtype=np.int64),
+            "question_length": question_length[order],
+            "valid": valid[order],
+        }
+    )
+    return frame
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of the ranks they span."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1])
+    ends = np.concatenate([starts[1:], [len(values)]])
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson correlation of the average ranks (ties share their mean
+    rank). NaN when either side is constant or has fewer than 2 values; NaN inputs are an error."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"need two 1-D sequences of the same length, got {a.shape} and {b.shape}")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("spearman got NaN values; keep only rows with a score (frame['valid'])")
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def _by_rank(frame: pd.DataFrame, seed: int) -> list[str]:
+    return frame.sort_values("rank", kind="stable")["id"].tolist()
+
+
+def _by_length(frame: pd.DataFrame, seed: int) -> list[str]:
+    return [i for _, i in sorted(zip(frame["question_length"].tolist(), frame["id"].tolist()))]
+
+
+def _by_seeded_permutation(frame: pd.DataFrame, seed: int) -> list[str]:
+    ids = sorted(frame["id"].tolist())  # independent of the frame's row order
+    return [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+
+
+_ORDERINGS = {"gain_rl": _by_rank, "length": _by_length, "random": _by_seeded_permutation}
+
+
+def order_positions(frame: pd.DataFrame, order: str, seed: int) -> list[str]:
+    """Ids in training order: "gain_rl" by rank (invalid rows last), "length" shortest question first
+    (ties by id), "random" a permutation seeded by `seed`. Every id appears exactly once."""
+    if order not in _ORDERINGS:
+        raise ValueError(f"unknown order {order!r}; use one of {list(ORDERS)}")
+    return _ORDERINGS[order](frame, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online schedule
+
+
+def scaled_defaults(n_items: int) -> dict[str, float]:
+    """The reference schedule for a set of `n_items` prompts.
+
+    sigma, n and delta_max are distances in rank positions, tuned for about REFERENCE_N_ITEMS = 5000
+    prompts; they are multiplied by n_items / 5000 so that the Gaussian covers, and each step moves
+    mu by, the same fraction of the ranking (e.g. 300 prompts: sigma 60, n 30, delta_max 60).
+    alpha, beta (dimensionless), delta_min (0) and mu0 (0) are kept.
+    """
+    if n_items < 1:
+        raise ValueError(f"n_items must be >= 1, got {n_items}")
+    scale = n_items / REFERENCE_N_ITEMS
+    return {
+        "sigma": DEFAULT_SIGMA * scale,
+        "n": DEFAULT_N * scale,
+        "alpha": DEFAULT_ALPHA,
+        "beta": DEFAULT_BETA,
+        "delta_min": DEFAULT_DELTA_MIN,
+        "delta_max": DEFAULT_DELTA_MAX * scale,
+        "mu0": DEFAULT_MU0,
+    }
+
+
+def mu_update(
+    mu: float,
+    acc: float,
+    ang: float,
+    n: float,
+    alpha: float,
+    beta: float,
+    delta_min: float,
+    delta_max: float,
+) -> tuple[float, float]:
+    """delta = n * tanh(alpha * (acc - beta)) + n * tanh(alpha * ang), clipped to [delta_min, delta_max];
+    returns (mu + delta, delta). mu is left unclipped (weights clip it to [0, N-1])."""
+    if delta_min > delta_max:
+        raise ValueError(f"delta_min ({delta_min}) must be <= delta_max ({delta_max})")
+    if not (math.isfinite(acc) and math.isfinite(ang)):
+        raise ValueError(f"acc and ang must be finite, got acc={acc}, ang={ang}")
+    raw = n * math.tanh(alpha * (acc - beta)) + n * math.tanh(alpha * ang)
+    delta = min(max(raw, delta_min), delta_max)
+    return float(mu) + delta, delta
+
+
+class GaussianSampler:
+    """Draws rank positions around mu with Gaussian weights; mu moves with training progress.
+
+    Draws use the sampler's own numpy Generator (PCG64, seeded), so every rank built with the same
+    seed draws the same positions, and `state_dict` / `load_state_dict` (JSON-serialisable) resume
+    a run exactly.
+    """
+
+    def __init__(self, n_items: int, sigma: float, mu0: float, seed: int) -> None:
+        if n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {n_items}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.n_items = int(n_items)
+        self.sigma = float(sigma)
+        self.mu = float(mu0)
+        self.draws = 0
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+
+    def _log_weights(self) -> np.ndarray:
+        """Unnormalised log weights with maximum 0 (mu clipped, so finite for any mu)."""
+        if math.isnan(self.mu):
+            raise ValueError("mu is NaN")
+        center = min(max(self.mu, 0.0), self.n_items - 1.0)
+        z = (np.arange(self.n_items, dtype=np.float64) - center) / self.sigma
+        log_w = -0.5 * z * z
+        return log_w - log_w.max()
+
+    def weights(self) -> np.ndarray:
+        """Probabilities over positions 0..N-1 (sum 1)."""
+        w = np.exp(self._log_weights())
+        return w / w.sum()
+
+    def draw(self, k: int) -> np.ndarray:
+        """min(k, N) distinct positions drawn without replacement with the current weights, ascending.
+
+        Gumbel-top-k: the k largest of log w_i + Gumbel noise are a draw without replacement
+        proportional to w. Log weights never underflow to -inf, so far-from-mu positions can still
+        fill a draw larger than the Gaussian's effective width.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        keys = self._log_weights() + self._rng.gumbel(size=self.n_items)
+        chosen = np.argsort(-keys, kind="stable")[: min(k, self.n_items)]
+        self.draws += 1
+        return np.sort(chosen)
+
+    def update(
+        self, acc: float, ang: float, n: float, alpha: float, beta: float, delta_min: float, delta_max: float
+    ) -> float:
+        """Move mu by `mu_update`; returns delta."""
+        self.mu, delta = mu_update(self.mu, acc, ang, n, alpha, beta, delta_min, delta_max)
+        return delta
+
+    def state_dict(self) -> dict:
+        return {
+            "n_items": self.n_items,
+            "sigma": self.sigma,
+            "mu": self.mu,
+            "draws": self.draws,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("n_items", "sigma"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"checkpointed sampler has {key}={state[key]}, this run has {getattr(self, key)}; "
+                    "resume with the same ranking and sigma"
+                )
+        self.mu = float(state["mu"])
+        self.draws = int(state["draws"])
+        self._rng.bit_generator.state = state["rng"]
+
+
+def expand_for_trl(indices: Sequence[int], num_generations: int, repeat_count: int) -> list[int]:
+    """TRL RepeatSampler layout for one chunk: each index num_generations times in a row, the whole
+    chunk repeated repeat_count times, e.g. [a, b], 2, 2 -> [a, a, b, b, a, a, b, b]."""
+    if num_generations < 1 or repeat_count < 1:
+        raise ValueError(f"num_generations and repeat_count must be >= 1, got {num_generations}, {repeat_count}")
+    chunk = [int(i) for i in indices for _ in range(num_generations)]
+    return chunk * repeat_count

@@ -1,0 +1,205 @@
+"""Stage `train`: GRPO (TRL) from the warm-up model, with the data ordering chosen in params.
+
+The reward is the shared grader (1.0 / 0.0, None for an unparseable gold answer). `train.order`
+picks which prompts each step sees: `gain_rl` (GAIN-RL dynamic sampling over the `score` ranking),
+`length` (shortest question first), `random` (a seeded fixed permutation) or `uniform` (TRL's
+default reshuffling), so `dvc exp run -S train.order=length` compares them at equal budget.
+
+Checkpoints go to models/checkpoints (a `persist: true` output, so DVC does not delete them before a
+rerun) every `train.save_steps`. A run that finds checkpoints written with the same params and inputs
+resumes from the last one (model, optimizer, scheduler, RNG, and the GAIN-RL mu and sampler RNG);
+checkpoints from different params or inputs are discarded.
+
+Inputs:  models/warmup, data/prepared/train.parquet, data/curated/angles.parquet
+Outputs: models/policy, models/checkpoints (persist), metrics/train.json, metrics/train_curve.csv
+Run:     dvc repro train   (or: python -m flows train)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOConfig
+
+from rlvr import gain_rl, models
+from rlvr.config import Params
+from rlvr.generation import messages
+from rlvr.grading import Grader
+from rlvr.grpo import GainRLSchedule, MlflowStepMetrics, RewardFunction, RLVRGRPOTrainer
+from rlvr.io import dvc_md5, read_parquet, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+MODEL = Path("models/warmup")
+TRAIN = Path("data/prepared/train.parquet")
+ANGLES = Path("data/curated/angles.parquet")
+OUTPUT = Path("models/policy")
+CHECKPOINTS = Path("models/checkpoints")
+METRICS = Path("metrics/train.json")
+CURVE = Path("metrics/train_curve.csv")
+FINGERPRINT = "fingerprint.json"
+
+
+def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
+    """The one place where our train params become TRL's GRPOConfig."""
+    t = params.train
+    cuda = torch.cuda.is_available()
+    return GRPOConfig(
+        output_dir=output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.prompts_per_step * t.num_generations,
+        num_generations=t.num_generations,
+        steps_per_generation=1,
+        gradient_accumulation_steps=1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        beta=t.beta,
+        temperature=t.temperature,
+        top_p=t.top_p,
+        top_k=0,
+        max_completion_length=t.max_completion_length,
+        loss_type=t.loss_type,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        logging_steps=t.logging_steps,
+        report_to="none",
+        seed=params.seed,
+        data_seed=params.seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=False,  # TRL turns it on by default; on a CPU it only costs time
+        use_vllm=t.use_vllm,
+        vllm_mode="colocate",
+        remove_unused_columns=False,
+        disable_tqdm=None,
+    )
+
+
+def gain_rl_schedule(params: Params, ranking: list[int]) -> GainRLSchedule:
+    """The online GAIN-RL schedule; null params take the reference values scaled to this set's size."""
+    g = params.train.gain_rl
+    reference = gain_rl.scaled_defaults(len(ranking))
+    return GainRLSchedule(
+        ranking,
+        sigma=g.sigma if g.sigma is not None else reference["sigma"],
+        mu0=g.mu0,
+        n=g.n if g.n is not None else reference["n"],
+        alpha=g.alpha,
+        beta=g.beta,
+        delta_min=g.delta_min,
+        delta_max=g.delta_max if g.delta_max is not None else reference["delta_max"],
+        seed=params.seed,
+    )
+
+
+def fingerprint(params: Params, inputs: list[Path]) -> str:
+    """What a checkpoint must match to be resumed: train params, model, prompt, seed and input digests."""
+    payload = {
+        "train": asdict(params.train), "model": asdict(params.model), "prompt": asdict(params.prompt),
+        "seed": params.seed, "inputs": {str(p): dvc_md5(p) for p in inputs if p.exists()},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def resume_point(checkpoints: Path, expected: str) -> str | None:
+    """The last checkpoint of an interrupted run with the same fingerprint, else None (and a clean dir)."""
+    stamp = checkpoints / FINGERPRINT
+    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == expected:
+        last = get_last_checkpoint(str(checkpoints))
+        if last:
+            return last
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True)
+    write_json(stamp, {"fingerprint": expected})
+    return None
+
+
+def dataset_and_ordering(params: Params, frame: pd.DataFrame, angles: pd.DataFrame) -> tuple[Dataset, list[int]]:
+    """The GRPO dataset (conversational prompts + gold answers) and the training order of its rows."""
+    dataset = Dataset.from_dict({
+        "prompt": [messages(p, params.prompt) for p in frame["problem"]],
+        "answer": frame["answer"].tolist(),
+        "id": frame["id"].tolist(),
+    })
+    order = params.train.order
+    if order == "uniform":
+        return dataset, []
+    missing = set(frame["id"]) - set(angles["id"])
+    if missing:
+        raise ValueError(f"{ANGLES}: {len(missing)} training ids have no angle score (rerun `dvc repro score`)")
+    row_of = {id_: i for i, id_ in enumerate(frame["id"])}
+    ids = gain_rl.order_positions(angles[angles["id"].isin(row_of)], order, params.seed)
+    return dataset, [row_of[i] for i in ids]
+
+
+def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angles_path: Path = ANGLES,
+        checkpoints: Path = CHECKPOINTS, output: Path = OUTPUT) -> tuple[dict, list[dict]]:
+    frame = read_parquet(train_path, required=("id", "problem", "answer"))
+    angles = read_parquet(angles_path, required=("id", "rank", "question_length", "valid"))
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
+    if params.train.max_steps == 0:
+        models.save_model(model, tokenizer, output)
+        return {"steps": 0, "train_seconds": 0.0}, []
+    dataset, ordering = dataset_and_ordering(params, frame, angles)
+    resume = resume_point(checkpoints, fingerprint(params, [model_dir, train_path, angles_path]))
+    with Grader(workers=2, timeout_s=params.evaluate.grade_timeout_s) as grader:
+        trainer = RLVRGRPOTrainer(
+            model=model,
+            reward_funcs=[RewardFunction(grader)],
+            args=grpo_config(params, str(checkpoints)),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[MlflowStepMetrics()],
+            order=params.train.order,
+            ordering=ordering,
+            gain_rl_schedule=gain_rl_schedule(params, ordering) if params.train.order == "gain_rl" else None,
+        )
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - start
+    models.save_model(trainer.model, tokenizer, output)
+    # The trainer state's log history survives a resume (it is saved in every checkpoint).
+    rows = [{"step": e["step"], **{k: v for k, v in e.items() if k != "step"}} for e in trainer.state.log_history
+            if "step" in e]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    if rewards and not np.isfinite(rewards).all():
+        raise RuntimeError(f"train: non-finite rewards in the log: {rewards[-5:]}")
+    resumed_at = int(Path(resume).name.split("-")[-1]) if resume else 0
+    metrics = {
+        "steps": int(result.global_step),
+        "resumed_from_step": resumed_at,
+        "train_seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / max(result.global_step - resumed_at, 1), 4),
+        "first_reward": float(rewards[0]) if rewards else float("nan"),
+        "final_reward": float(np.mean(rewards[-3:])) if rewards else float("nan"),
+    }
+    if params.train.order == "gain_rl":
+        metrics["final_mu"] = float(trainer.gain_rl_schedule.sampler.mu)
+    return metrics, rows
+
+
+def curve_csv(rows: list[dict]) -> str:
+    """Training log rows as CSV for `dvc plots` (one row per logged step; blank where not logged)."""
+    if not rows:
+        return "step\n"
+    return pd.DataFrame(rows).groupby("step", as_index=False).last().to_csv(index=False)
+
+
+def main(params: Params) -> dict:
+    metrics, rows = run(params)
+    write_text(CURVE, curve_csv(rows))
+    write_json(METRICS, {k: v for k, v in metrics.items() if np.isfinite(v)})
+    return metrics
