@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
@@ -367,8 +368,6 @@ def test_spearman_agrees_with_scipy_when_installed():
 
 
 def test_order_positions_for_the_ablation():
-    import pandas as pd
-
     frame = pd.DataFrame({"id": ["d", "a", "c", "b"], "rank": [2, 0, 3, 1], "question_length": [5, 9, 5, 2]})
     assert gain_rl.order_positions(frame, "gain_rl", seed=0) == ["a", "b", "d", "c"]
     assert gain_rl.order_positions(frame, "length", seed=0) == ["b", "c", "d", "a"]  # 5, 5 tie: c before d
@@ -422,7 +421,9 @@ def test_sampler_draws_distinct_sorted_positions_and_caps_at_n():
     assert sampler.draws == 20 and small.draws == 1
 
 
-@pytest.mark.parametrize("mu, sigma, peak", [(1e12, 3.0, 99), (-1e12, 3.0, 0), (1e12, 1e-6, 99), (float("inf"), 3.0, 99)])
+@pytest.mark.parametrize(
+    "mu, sigma, peak", [(1e12, 3.0, 99), (-1e12, 3.0, 0), (1e12, 1e-6, 99), (float("inf"), 3.0, 99)]
+)
 def test_sampler_survives_mu_far_outside_the_ranking(mu, sigma, peak):
     sampler = gain_rl.GaussianSampler(n_items=100, sigma=sigma, mu0=mu, seed=0)
     weights = sampler.weights()
