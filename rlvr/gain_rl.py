@@ -255,7 +255,8 @@ def score_prompts(
     drops its term (so a NaN C_inter does not poison a pure-C_intra score).
 
     Sequences are batched in order of token length (less padding) and padded on
-    `tokenizer.padding_side`; the ranking does not depend on the input order.
+    `tokenizer.padding_side`; the ranking does not depend on the input order (scores may differ in
+    the last float bits when a different order puts a row in a different batch).
     """
     if len(ids) != len(questions):
         raise ValueError(f"ids and questions differ in length: {len(ids)} vs {len(questions)}")
