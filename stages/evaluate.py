@@ -52,7 +52,7 @@ def fixed_subset(frame: pd.DataFrame, size: int | None) -> pd.DataFrame:
 
 
 def generate(params: Params, model_dir: Path, prompts: list[str], settings: SamplingSettings, desc: str,
-             loaded: tuple | None) -> list[list[str]]:
+             loaded: tuple) -> list[list[str]]:
     backend = choose_backend(params.evaluate.backend)
     if backend == "vllm":
         return sample_vllm(models.resolve(model_dir), prompts, settings, params.model.trust_remote_code)
@@ -68,9 +68,11 @@ def grade_matrix(grader: Grader, samples: list[list[str]], golds: list[str]) -> 
     return values.reshape(len(samples), -1)
 
 
-def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir: Path, loaded,
-                       tokenizer, grader: Grader) -> tuple[dict, pd.DataFrame]:
+def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir: Path, loaded: tuple,
+                       grader: Grader) -> tuple[dict, pd.DataFrame]:
+    """Sample, grade and summarise one benchmark; `loaded` is the (model, tokenizer) of `model_dir`."""
     e = params.evaluate
+    tokenizer = loaded[1]
     prompts = [render(tokenizer, p, params.prompt) for p in frame["problem"]]
     golds = frame["answer"].tolist()
     settings = SamplingSettings(n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
@@ -135,7 +137,7 @@ def run(params: Params, model_dirs: dict[str, Path] | None = None,
                 model = model.to("cuda")
             for name, frame in frames.items():
                 m, results[f"{label}/{name}"] = evaluate_benchmark(params, name, frame, model_dir, (model, tokenizer),
-                                                                   tokenizer, grader)
+                                                                   grader)
                 log.info("evaluate %s on %s: %s", label, name, {k: round(v, 4) for k, v in m.items()})
                 if label == "policy":
                     metrics[name].update(m)
