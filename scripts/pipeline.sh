@@ -12,7 +12,7 @@ dvc repro "$@"
 cat <<MSG
 
 Pipeline finished (dvc metrics show / dvc exp show for every number).
-  Metrics:    metrics/*.json   (dvc metrics show; per-problem samples in data/evaluated/)
+  Metrics:    metrics/*.json   (dvc metrics show; per-problem samples in data/evaluated/{policy,warmup}/)
   MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db --host 127.0.0.1 --port 5000
               then open http://127.0.0.1:5000
   Prefect UI: PREFECT_HOME=$PWD/.prefect .venv/bin/prefect server start --host 127.0.0.1 --port 4200
