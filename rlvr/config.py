@@ -211,11 +211,11 @@ TRAIN_ORDERS = ("gain_rl", "length", "random", "uniform")
 class Train:
     # gain_rl: GAIN-RL dynamic sampling over the `score` ranking; length: shortest question first;
     # random: a seeded fixed permutation; uniform: TRL's default reshuffling.
-    order: str = "gain_rl"
-    max_steps: int = 100
-    prompts_per_step: int = 16
+    order: str = "uniform"
+    max_steps: int = 150
+    prompts_per_step: int = 32
     num_generations: int = 8
-    learning_rate: float = 3e-5
+    learning_rate: float = 5e-5
     lr_scheduler: str = "constant"
     beta: float = 0.0
     temperature: float = 1.0
