@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -200,9 +201,10 @@ class MlflowStepMetrics(TrainerCallback):
     """Sends every numeric training log entry to the active MLflow run, keyed by global step."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        import mlflow
-
+        mlflow = sys.modules.get("mlflow")  # no MLflow imported means no active run to log to
+        if mlflow is None or mlflow.active_run() is None:
+            return
         numbers = {k: float(v) for k, v in (logs or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        if numbers and mlflow.active_run() is not None:
+        if numbers:
             mlflow.log_metrics(numbers, step=state.global_step)
