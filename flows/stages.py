@@ -16,7 +16,8 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
 from rlvr import config, tracking
-from stages import evaluate, prepare, score, train, warmup
+from stages import evaluate, prepare, rollout, score, train, warmup
+from stages import filter as filter_stage
 
 
 def _artifact_key(stage: str) -> str:
@@ -49,6 +50,16 @@ def score_flow(params_file: str = "params.yaml") -> dict:
     return run_stage("score", score.main, params_file)
 
 
+@flow(name="rollout")
+def rollout_flow(params_file: str = "params.yaml") -> dict:
+    return run_stage("rollout", rollout.main, params_file)
+
+
+@flow(name="filter")
+def filter_flow(params_file: str = "params.yaml") -> dict:
+    return run_stage("filter", filter_stage.main, params_file)
+
+
 @flow(name="train")
 def train_flow(params_file: str = "params.yaml") -> dict:
     return run_stage("train", train.main, params_file)
@@ -59,5 +70,5 @@ def evaluate_flow(params_file: str = "params.yaml") -> dict:
     return run_stage("evaluate", evaluate.main, params_file)
 
 
-FLOWS = {"prepare": prepare_flow, "warmup": warmup_flow, "score": score_flow, "train": train_flow,
-         "evaluate": evaluate_flow}
+FLOWS = {"prepare": prepare_flow, "warmup": warmup_flow, "score": score_flow, "rollout": rollout_flow,
+         "filter": filter_flow, "train": train_flow, "evaluate": evaluate_flow}

@@ -147,6 +147,11 @@ def check_steps(problem: str, completion: str) -> list[bool]:
     value, `op`/`b` the problem's i-th operation and `result` correct. The step after the last
     operation is right iff it is ``\\boxed{answer}``. Any further step is wrong (the chain is over).
     """
+    return check_step_list(problem, split_steps(completion))
+
+
+def check_step_list(problem: str, steps: list[str]) -> list[bool]:
+    """`check_steps` on steps already split (raises ValueError for a problem of another kind)."""
     chain = parse_problem(problem)
     expected = []
     left = chain.operands[0]
@@ -154,7 +159,7 @@ def check_steps(problem: str, completion: str) -> list[bool]:
         expected.append((left, op, b, result))
         left = result
     verdicts = []
-    for i, step in enumerate(split_steps(completion)):
+    for i, step in enumerate(steps):
         if i < len(expected):
             match = _STEP_RE.match(step)
             verdicts.append(

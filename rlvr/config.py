@@ -204,6 +204,76 @@ class GainRL:
                  self.delta_max, f"must be >= delta_min ({self.delta_min})")
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """Rollouts of the current policy over the training prompts (for difficulty and PROF)."""
+
+    n_samples: int = 8
+    # How many training prompts to roll out (the first ones in file order); null = all of them.
+    max_prompts: int | None = 2000
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    batch_size: int = 256
+    # Prompts per cached chunk: a killed run redoes at most one chunk.
+    chunk_size: int = 250
+
+    def __post_init__(self) -> None:
+        _require(self.n_samples >= 1, "rollout.n_samples", self.n_samples, "use at least 1 sample")
+        _require(self.max_prompts is None or self.max_prompts >= 1, "rollout.max_prompts", self.max_prompts,
+                 "use a positive number or null for every training prompt")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature, "sampling needs temperature > 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "use a value in (0, 1]")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "use at least 1")
+        _require(self.batch_size >= 1, "rollout.batch_size", self.batch_size, "use a positive batch size")
+        _require(self.chunk_size >= 1, "rollout.chunk_size", self.chunk_size, "use a positive chunk size")
+
+
+@dataclass(frozen=True)
+class PRM:
+    """The process reward model PROF uses (in `filter` and in `train`)."""
+
+    # arith: the built-in task's exact step checker; otherwise a local folder or hub name of a
+    # model in the Qwen2.5-Math-PRM format.
+    name: str = "arith"
+    trust_remote_code: bool = False
+    separator: str = "<extra_0>"
+    system: str | None = "Please reason step by step, and put your final answer within \\boxed{}."
+    batch_size: int = 8
+    max_length: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "prm.name", self.name, "use arith or a model folder / hub name")
+        _require(self.batch_size >= 1, "prm.batch_size", self.batch_size, "use a positive batch size")
+        _require(self.max_length >= 16, "prm.max_length", self.max_length, "use at least 16 tokens")
+
+
+@dataclass(frozen=True)
+class Prof:
+    """The PROF consistency rule (rlvr/prof.py): remove k of every group of n rollouts."""
+
+    remove: int | None = None  # k; null = n // 2
+    min_steps: int = 2
+    max_steps: int = 30
+
+    def __post_init__(self) -> None:
+        _require(self.remove is None or self.remove >= 0, "prof.remove", self.remove, "use k >= 0 or null (n // 2)")
+        _require(1 <= self.min_steps <= self.max_steps, "prof.min_steps", (self.min_steps, self.max_steps),
+                 "need 1 <= min_steps <= max_steps")
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which training prompts `train` uses: those whose rollout pass rate lies in the band."""
+
+    pass_rate_min: float = 0.0
+    pass_rate_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.pass_rate_min <= self.pass_rate_max <= 1.0, "filter.pass_rate_min",
+                 (self.pass_rate_min, self.pass_rate_max), "need 0 <= pass_rate_min <= pass_rate_max <= 1")
+
+
 TRAIN_ORDERS = ("gain_rl", "length", "random", "uniform")
 
 
@@ -226,6 +296,13 @@ class Train:
     logging_steps: int = 5
     use_vllm: bool = False
     gain_rl: GainRL = field(default_factory=GainRL)
+    # all: every training prompt; band: those the `filter` stage kept (pass rate in its band).
+    prompts: str = "all"
+    # PROF inside the GRPO loop: filter each group before advantages (rule and PRM: prof, prm).
+    prof: bool = False
+    # accuracy: the grader's 1/0; blend: accuracy + blend_weight x process value (PROF's baseline).
+    reward: str = "accuracy"
+    blend_weight: float = 0.8
 
     def __post_init__(self) -> None:
         _require(self.order in TRAIN_ORDERS, "train.order", self.order, f"use one of {list(TRAIN_ORDERS)}")
@@ -236,6 +313,9 @@ class Train:
         _require(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "use a rate >= 0")
         _require(self.temperature > 0, "train.temperature", self.temperature, "sampling needs temperature > 0")
         _require(self.save_steps >= 1, "train.save_steps", self.save_steps, "use a positive interval")
+        _require(self.prompts in ("all", "band"), "train.prompts", self.prompts, "use all or band")
+        _require(self.reward in ("accuracy", "blend"), "train.reward", self.reward, "use accuracy or blend")
+        _require(self.blend_weight >= 0, "train.blend_weight", self.blend_weight, "use a weight >= 0")
 
 
 @dataclass(frozen=True)
@@ -289,6 +369,10 @@ class Params:
     score: Score
     train: Train
     evaluate: Evaluate
+    rollout: Rollout = field(default_factory=Rollout)
+    prm: PRM = field(default_factory=PRM)
+    prof: Prof = field(default_factory=Prof)
+    filter: Filter = field(default_factory=Filter)
     tracking: Tracking = field(default_factory=Tracking)
 
     def __post_init__(self) -> None:
@@ -296,6 +380,8 @@ class Params:
         unknown = [b for b in self.evaluate.benchmarks if b not in eval_names]
         _require(not unknown, "evaluate.benchmarks", list(self.evaluate.benchmarks),
                  f"{unknown} not among prepare.eval sources {sorted(eval_names)}")
+        _require(self.prof.remove is None or self.prof.remove <= self.train.num_generations, "prof.remove",
+                 self.prof.remove, f"cannot remove more than train.num_generations ({self.train.num_generations})")
         _require(self.warmup.enabled or not self.model.is_builtin, "warmup.enabled", self.warmup.enabled,
                  "the builtin model starts untrained; keep warmup enabled or set model.name to a real model")
 

@@ -68,11 +68,13 @@ def sample_transformers(
     settings: SamplingSettings,
     batch_size: int,
     desc: str = "sampling",
+    progress: tqdm | None = None,
 ) -> list[list[str]]:
     """`settings.n` completions per prompt with `model.generate`, `batch_size` sequences at a time.
 
     Each prompt is repeated n times inside a batch (rather than num_return_sequences) so that a
-    batch is always exactly `batch_size` sequences, whatever n is.
+    batch is always exactly `batch_size` sequences, whatever n is. Progress goes to `progress` when
+    the caller passes its own bar (one bar over several calls), else to a new bar named `desc`.
     """
     if tokenizer.padding_side != "left":
         raise ValueError("generation needs a left-padding tokenizer (tokenizer.padding_side = 'left')")
@@ -88,7 +90,9 @@ def sample_transformers(
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    with tqdm(total=len(flat), desc=desc, unit="seq", disable=None) as bar:
+    own_bar = progress is None
+    bar = tqdm(total=len(flat), desc=desc, unit="seq", disable=None) if own_bar else progress
+    try:
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             enc = tokenizer([p for _, p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -99,6 +103,9 @@ def sample_transformers(
             for (i, _), text in zip(chunk, completions):
                 out[i].append(text)
             bar.update(len(chunk))
+    finally:
+        if own_bar:
+            bar.close()
     return out
 
 

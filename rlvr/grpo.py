@@ -15,8 +15,14 @@
   the sampler's RNG are saved in every checkpoint and restored on resume.
 - `order: uniform` is TRL's own shuffled `RepeatSampler`.
 
+With `prof` set (a `ProfInLoop`), every group of rollouts is filtered by PROF after grading and
+before the loss: advantages are recomputed over the kept rollouts only (same normalisation as TRL's
+`scale_rewards`), dropped rollouts get advantage 0 and an all-zero completion mask (no loss, no
+gradient), and the loss normaliser `num_items_in_batch` is recounted over what is kept.
+
 The reward is the project's one grader (`RewardFunction`), following TRL's reward contract:
-one float per completion, `None` where the gold answer cannot be parsed.
+one float per completion, `None` where the gold answer cannot be parsed. `ProcessValueReward`
+adds the PRM's process value, for PROF's blend baseline (accuracy + w x value).
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Sampler
+from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from rlvr import gain_rl
+from rlvr import gain_rl, prof
 from rlvr.grading import Grader
 
 log = logging.getLogger(__name__)
@@ -50,8 +57,71 @@ class RewardFunction:
         self.__name__ = REWARD_NAME
 
     def __call__(self, prompts, completions, answer, **kwargs) -> list[float | None]:
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return self.grader.grade(texts, list(answer))
+        return self.grader.grade(_texts(completions), list(answer))
+
+
+def _texts(completions) -> list[str]:
+    return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+
+
+class ProcessValueReward:
+    """TRL reward function: the PRM's process value of each completion (None where it has none)."""
+
+    def __init__(self, prm: prof.ProcessRewardModel, max_steps: int):
+        self.prm, self.max_steps = prm, max_steps
+        self.__name__ = "process_value"
+
+    def __call__(self, prompts, completions, problem, **kwargs) -> list[float | None]:
+        _, _, values = prof.score_responses(self.prm, list(problem), _texts(completions), self.max_steps)
+        return [None if math.isnan(v) else v for v in values]
+
+
+class ProfInLoop:
+    """PROF applied to every group of a GRPO step: which rollouts to keep, and their advantages."""
+
+    def __init__(self, prm: prof.ProcessRewardModel, remove: int | None = None, min_steps: int = 2,
+                 max_steps: int = 30):
+        self.prm, self.remove, self.min_steps, self.max_steps = prm, remove, min_steps, max_steps
+
+    def decide(self, problems: list[str], completions: list[str], correct: list[bool],
+               num_generations: int) -> tuple[list[bool], list[float]]:
+        """Keep mask and process values for a batch laid out in groups of `num_generations`."""
+        if len(completions) % num_generations:
+            raise ValueError(f"{len(completions)} rollouts do not split into groups of {num_generations}")
+        n_steps, _, values = prof.score_responses(self.prm, problems, completions, self.max_steps)
+        kept: list[bool] = []
+        for start in range(0, len(completions), num_generations):
+            group = slice(start, start + num_generations)
+            kept += prof.filter_group(correct[group], values[group], n_steps[group], k=self.remove,
+                                      min_steps=self.min_steps, max_steps=self.max_steps).kept
+        return kept, values
+
+
+def kept_advantages(rewards: torch.Tensor, kept: torch.Tensor, num_generations: int,
+                    scale_rewards: str = "group") -> torch.Tensor:
+    """GRPO advantages computed over the kept rollouts of each group only; 0 for dropped ones.
+
+    Mirrors TRL's normalisation: (r - group mean) / (std + 1e-4) with the Bessel-corrected std of the
+    group (`group`) or of every kept reward in the batch (`batch`), or no scaling (`none`). NaN
+    rewards (unscorable) are left out of the statistics and get advantage 0, as in TRL.
+    """
+    masked = torch.where(kept, rewards, torch.full_like(rewards, float("nan"))).view(-1, num_generations)
+    mean = torch.nanmean(masked, dim=1, keepdim=True)
+    if scale_rewards == "batch":
+        std = _nanstd(masked.flatten()).expand_as(masked)
+    else:
+        std = _nanstd(masked, dim=1).unsqueeze(1).expand_as(masked)
+    advantages = masked - mean
+    if scale_rewards != "none":
+        advantages = advantages / (std + 1e-4)
+    return torch.nan_to_num(advantages.flatten(), nan=0.0)
+
+
+def _nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    count = (~torch.isnan(values)).sum(dim=dim) if dim is not None else (~torch.isnan(values)).sum()
+    mean = torch.nanmean(values, dim=dim, keepdim=dim is not None)
+    variance = torch.nanmean((values - mean) ** 2, dim=dim)
+    return torch.where(count > 1, (variance * count / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(variance))
 
 
 class OrderedRepeatSampler(Sampler[int]):
@@ -99,7 +169,7 @@ class GainRLSchedule:
 
 class RLVRGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, order: str = "uniform", ordering: Sequence[int] | None = None,
-                 gain_rl_schedule: GainRLSchedule | None = None, **kwargs):
+                 gain_rl_schedule: GainRLSchedule | None = None, prof_filter: ProfInLoop | None = None, **kwargs):
         if order not in ("uniform", "length", "random", "gain_rl"):
             raise ValueError(f"order must be uniform, length, random or gain_rl, got {order!r}")
         if order in ("length", "random") and not ordering:
@@ -109,7 +179,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
         self.order = order
         self.ordering = list(ordering or [])
         self.gain_rl_schedule = gain_rl_schedule
+        self.prof_filter = prof_filter
         super().__init__(*args, **kwargs)
+        if prof_filter is not None and REWARD_NAME not in self.reward_func_names:
+            raise ValueError(f"PROF needs the {REWARD_NAME!r} reward to tell correct from incorrect rollouts")
 
     # ---- which prompts a step sees -------------------------------------------------------------
 
@@ -132,13 +205,53 @@ class RLVRGRPOTrainer(GRPOTrainer):
         return [dict(self.train_dataset[i]) for i in mine]
 
     def _generate_and_score_completions(self, inputs):
-        training = self.model.training and self.order == "gain_rl"
-        if training:
+        gain = self.model.training and self.order == "gain_rl"
+        if gain:
             inputs = self._gain_rl_inputs(inputs)
         output = super()._generate_and_score_completions(inputs)
-        if training:
+        if gain:
             self._gain_rl_step(output)
+        if self.model.training and self.prof_filter is not None:
+            n_all = len(output["advantages"]) * self.accelerator.num_processes
+            rewards = {name: list(self._logs["rewards"][name])[-n_all:] for name in self.reward_func_names}
+            completions = _texts(list(self._logs["completion"])[-n_all:])
+            problems = gather_object([row["problem"] for row in inputs])
+            self._prof_step(output, problems, completions, rewards)
         return output
+
+    def _prof_step(self, output: dict, problems: list[str], completions: list[str],
+                   rewards: dict[str, list[float]]) -> None:
+        """PROF on this step's groups (gathered over processes); rewrites this process's part of `output`."""
+        accuracy = torch.tensor(rewards[REWARD_NAME], dtype=torch.float32)
+        correct = (accuracy >= 1.0).tolist()
+        kept, values = self.prof_filter.decide(problems, completions, correct, self.num_generations)
+        per_func = torch.tensor([rewards[name] for name in self.reward_func_names], dtype=torch.float32).T
+        total = (per_func * self.reward_weights.cpu().unsqueeze(0)).nansum(dim=1)
+        total[torch.isnan(per_func).all(dim=1)] = float("nan")
+        kept_all = torch.tensor(kept)
+        advantages = kept_advantages(total, kept_all, self.num_generations, self.scale_rewards)
+        n_local = len(output["advantages"])
+        local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        device = output["advantages"].device
+        output["advantages"] = advantages[local].to(device=device, dtype=output["advantages"].dtype)
+        keep_local = kept_all[local].to(device)
+        output["completion_mask"] = output["completion_mask"] * keep_local.unsqueeze(1).to(output["completion_mask"].dtype)
+        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        values_t, correct_t = torch.tensor(values), torch.tensor(correct)
+        stats = {
+            "kept_frac": kept_all.float().mean(),
+            "kept_correct": (kept_all & correct_t).float().sum(),
+            "kept_incorrect": (kept_all & ~correct_t).float().sum(),
+            "dropped_correct": (~kept_all & correct_t).float().sum(),
+            "dropped_incorrect": (~kept_all & ~correct_t).float().sum(),
+            "value_kept_correct": torch.nanmean(values_t[kept_all & correct_t]) if (kept_all & correct_t).any() else None,
+            "value_dropped_correct": (torch.nanmean(values_t[~kept_all & correct_t])
+                                      if (~kept_all & correct_t).any() else None),
+            "nan_values": torch.isnan(values_t).float().sum(),
+        }
+        for name, value in stats.items():
+            if value is not None and math.isfinite(float(value)):
+                self._metrics["train"][f"prof/{name}"].append(float(value))
 
     def _gain_rl_step(self, output: dict) -> None:
         """acc and ang of this step's rollouts, then the mu update (same values on every rank)."""

@@ -146,6 +146,20 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def local_or_hub(name_or_path: str | os.PathLike) -> str:
+    """A checked local model folder, or a hub name; a path that does not exist is an error here,
+    rather than a confusing hub lookup."""
+    source = resolve(name_or_path)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{local}: not a model folder (no config.json)")
+        return str(local)
+    if _looks_like_path(source) or local.exists():
+        raise ModelLoadError(f"{source}: model path does not exist (give a model folder or a hub name)")
+    return source
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     source = resolve(name_or_path)
     config_file = Path(source) / "tokenizer_config.json"
@@ -168,17 +182,9 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local folder, a pass-through folder or a hub name.
 
-    A name that looks like a path but does not exist is an error here, rather than a confusing hub
-    lookup. Hub names need network access or a populated Hugging Face cache.
+    Hub names need network access or a populated Hugging Face cache.
     """
-    source = resolve(name_or_path)
-    local = Path(source).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(f"{local}: not a model folder (no config.json)")
-        source = str(local)
-    elif _looks_like_path(source) or local.exists():
-        raise ModelLoadError(f"{source}: model path does not exist (give a model folder or a hub name)")
+    source = local_or_hub(name_or_path)
     try:
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

@@ -10,7 +10,13 @@ rerun) every `train.save_steps`. A run that finds checkpoints written with the s
 resumes from the last one (model, optimizer, scheduler, RNG, and the GAIN-RL mu and sampler RNG);
 checkpoints from different params or inputs are discarded.
 
-Inputs:  models/warmup, data/prepared/train.parquet, data/curated/angles.parquet
+`train.prompts: band` trains on the prompts the `filter` stage kept (pass rate in its band).
+`train.prof: true` filters every group with PROF before the loss (rule: `prof`, PRM: `prm`), and
+`train.reward: blend` adds `train.blend_weight` x the PRM's process value to the reward (PROF's
+baseline).
+
+Inputs:  models/warmup, data/prepared/train.parquet, data/curated/angles.parquet,
+         data/curated/prompts.parquet
 Outputs: models/policy, models/checkpoints (persist), metrics/train.json, metrics/train_curve.csv
 Run:     dvc repro train   (or: python -m flows train)
 """
@@ -32,11 +38,12 @@ from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
-from rlvr import gain_rl, models
+from rlvr import gain_rl, models, prof
 from rlvr.config import Params
 from rlvr.generation import messages
 from rlvr.grading import Grader
-from rlvr.grpo import GainRLSchedule, MlflowStepMetrics, RewardFunction, RLVRGRPOTrainer
+from rlvr.grpo import (GainRLSchedule, MlflowStepMetrics, ProcessValueReward, ProfInLoop, RewardFunction,
+                       RLVRGRPOTrainer)
 from rlvr.io import dvc_md5, read_parquet, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 MODEL = Path("models/warmup")
 TRAIN = Path("data/prepared/train.parquet")
 ANGLES = Path("data/curated/angles.parquet")
+PROMPTS = Path("data/curated/prompts.parquet")
 OUTPUT = Path("models/policy")
 CHECKPOINTS = Path("models/checkpoints")
 METRICS = Path("metrics/train.json")
@@ -74,6 +82,7 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
         save_steps=t.save_steps,
         save_total_limit=2,
         logging_steps=t.logging_steps,
+        reward_weights=[1.0, t.blend_weight] if t.reward == "blend" else None,
         report_to="none",
         seed=params.seed,
         data_seed=params.seed,
@@ -108,7 +117,7 @@ def fingerprint(params: Params, inputs: list[Path]) -> str:
     """What a checkpoint must match to be resumed: train params, model, prompt, seed and input digests."""
     payload = {
         "train": asdict(params.train), "model": asdict(params.model), "prompt": asdict(params.prompt),
-        "seed": params.seed, "inputs": {str(p): dvc_md5(p) for p in inputs if p.exists()},
+        "prof": asdict(params.prof), "prm": asdict(params.prm), "seed": params.seed, "inputs": {str(p): dvc_md5(p) for p in inputs if p.exists()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -131,6 +140,7 @@ def dataset_and_ordering(params: Params, frame: pd.DataFrame, angles: pd.DataFra
     """The GRPO dataset (conversational prompts + gold answers) and the training order of its rows."""
     dataset = Dataset.from_dict({
         "prompt": [messages(p, params.prompt) for p in frame["problem"]],
+        "problem": frame["problem"].tolist(),  # for the PRM (PROF, blend reward)
         "answer": frame["answer"].tolist(),
         "id": frame["id"].tolist(),
     })
@@ -145,20 +155,41 @@ def dataset_and_ordering(params: Params, frame: pd.DataFrame, angles: pd.DataFra
     return dataset, [row_of[i] for i in ids]
 
 
+def select_prompts(params: Params, frame: pd.DataFrame, prompts_path: Path) -> pd.DataFrame:
+    """All training rows, or (`train.prompts: band`) those the filter stage kept, in file order."""
+    if params.train.prompts == "all":
+        return frame
+    band = read_parquet(prompts_path, required=("id",))
+    selected = frame[frame["id"].isin(set(band["id"]))].reset_index(drop=True)
+    if selected.empty:
+        raise ValueError(f"{prompts_path}: none of its {len(band)} prompt ids is in the training set")
+    log.info("train.prompts = band: %d of %d training prompts", len(selected), len(frame))
+    return selected
+
+
 def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angles_path: Path = ANGLES,
-        checkpoints: Path = CHECKPOINTS, output: Path = OUTPUT) -> tuple[dict, list[dict]]:
-    frame = read_parquet(train_path, required=("id", "problem", "answer"))
+        checkpoints: Path = CHECKPOINTS, output: Path = OUTPUT,
+        prompts_path: Path = PROMPTS) -> tuple[dict, list[dict]]:
+    frame = select_prompts(params, read_parquet(train_path, required=("id", "problem", "answer")), prompts_path)
     angles = read_parquet(angles_path, required=("id", "rank", "question_length", "valid"))
     model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
     if params.train.max_steps == 0:
         models.save_model(model, tokenizer, output)
         return {"steps": 0, "train_seconds": 0.0}, []
     dataset, ordering = dataset_and_ordering(params, frame, angles)
-    resume = resume_point(checkpoints, fingerprint(params, [model_dir, train_path, angles_path]))
+    inputs = [model_dir, train_path, angles_path] + ([prompts_path] if params.train.prompts == "band" else [])
+    resume = resume_point(checkpoints, fingerprint(params, inputs))
+    t = params.train
+    prm = prof.load_prm(params.prm) if t.prof or t.reward == "blend" else None
     with Grader(workers=2, timeout_s=params.evaluate.grade_timeout_s) as grader:
+        reward_funcs = [RewardFunction(grader)]
+        if t.reward == "blend":
+            reward_funcs.append(ProcessValueReward(prm, params.prof.max_steps))
+        prof_filter = (ProfInLoop(prm, params.prof.remove, params.prof.min_steps, params.prof.max_steps)
+                       if t.prof else None)
         trainer = RLVRGRPOTrainer(
             model=model,
-            reward_funcs=[RewardFunction(grader)],
+            reward_funcs=reward_funcs,
             args=grpo_config(params, str(checkpoints)),
             train_dataset=dataset,
             processing_class=tokenizer,
@@ -166,6 +197,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
             order=params.train.order,
             ordering=ordering,
             gain_rl_schedule=gain_rl_schedule(params, ordering) if params.train.order == "gain_rl" else None,
+            prof_filter=prof_filter,
         )
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)

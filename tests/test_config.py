@@ -51,6 +51,12 @@ def _with(change) -> dict:
         (lambda d: d["model"]["builtin"].update(num_heads=3), r"hidden_size.*num_heads"),
         (lambda d: d.pop("evaluate"), r"evaluate is missing"),
         (lambda d: d["prepare"].update(eval=[]), r"prepare\.eval"),
+        (lambda d: d["filter"].update(pass_rate_min=0.8, pass_rate_max=0.2), r"filter\.pass_rate_min"),
+        (lambda d: d["prof"].update(remove=9), r"prof\.remove.*num_generations"),
+        (lambda d: d["prof"].update(min_steps=0), r"prof\.min_steps"),
+        (lambda d: d["train"].update(reward="process"), r"train\.reward.*accuracy or blend"),
+        (lambda d: d["train"].update(prompts="hard"), r"train\.prompts"),
+        (lambda d: d["rollout"].update(max_prompts=0), r"rollout\.max_prompts"),
     ],
 )
 def test_bad_params_name_key_value_and_fix(change, message):

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, small_params_dict
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STAGES = ("prepare", "warmup", "score", "train", "evaluate")
+STAGES = ("prepare", "warmup", "score", "rollout", "filter", "train", "evaluate")
 PROJECT_FILES = ["dvc.yaml", "pyproject.toml", "rlvr", "stages", "flows", "data/sources", ".dvc/config",
                  ".dvcignore"]
 
@@ -64,6 +64,11 @@ def test_first_repro_runs_every_stage_and_writes_sane_metrics(repo):
     assert warm["steps"] == 20 and warm["final_loss"] < warm["first_loss"]
     scored = json.loads((path / "metrics/score.json").read_text())
     assert scored["prompts"] == prepared["train_rows"] and -1.0 <= scored["spearman_score_length"] <= 1.0
+    rolled = json.loads((path / "metrics/rollout.json").read_text())
+    assert rolled["prompts"] == 24 and rolled["samples"] == 24 * 4 and 0.0 <= rolled["mean_pass_rate"] <= 1.0
+    filtered = json.loads((path / "metrics/filter.json").read_text())
+    kept = filtered["kept_correct"] + filtered["kept_incorrect"]
+    assert kept == 24 * 2 and kept + filtered["dropped_correct"] + filtered["dropped_incorrect"] == 24 * 4
     trained = json.loads((path / "metrics/train.json").read_text())
     assert trained["steps"] == 4 and 0.0 <= trained["final_reward"] <= 1.0
     curve = (path / "metrics/train_curve.csv").read_text().splitlines()
