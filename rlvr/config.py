@@ -353,6 +353,25 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Retrain:
+    """Scheduled retraining (flows/retrain.py): what is compared, and when it runs."""
+
+    registered_model: str = "rlvr-policy"
+    benchmark: str = "arith"
+    metric: str = "pass_at_1"       # a key of metrics/eval.json[benchmark]
+    min_improvement: float = 0.01   # the champion alias moves only for at least this gain
+    cron: str = "0 3 * * *"         # five-field cron, server time zone
+    deployment: str = "nightly"
+
+    def __post_init__(self) -> None:
+        _require(bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.registered_model)), "retrain.registered_model",
+                 self.registered_model, "use letters, digits, '.', '_' or '-'")
+        _require(len(self.cron.split()) == 5, "retrain.cron", self.cron,
+                 "use five cron fields: minute hour day-of-month month day-of-week")
+        _require(self.min_improvement >= 0, "retrain.min_improvement", self.min_improvement, "use a value >= 0")
+
+
+@dataclass(frozen=True)
 class Tracking:
     experiment: str = "rlvr-pipeline"
     # null: SQLite under the project root (mlruns/mlflow.db); MLFLOW_TRACKING_URI overrides both.
@@ -374,12 +393,17 @@ class Params:
     prof: Prof = field(default_factory=Prof)
     filter: Filter = field(default_factory=Filter)
     tracking: Tracking = field(default_factory=Tracking)
+    retrain: Retrain = field(default_factory=Retrain)
 
     def __post_init__(self) -> None:
         eval_names = {s.name for s in self.prepare.eval}
         unknown = [b for b in self.evaluate.benchmarks if b not in eval_names]
         _require(not unknown, "evaluate.benchmarks", list(self.evaluate.benchmarks),
                  f"{unknown} not among prepare.eval sources {sorted(eval_names)}")
+        _require(self.retrain.benchmark in self.evaluate.benchmarks, "retrain.benchmark", self.retrain.benchmark,
+                 f"must be one of evaluate.benchmarks {list(self.evaluate.benchmarks)}")
+        known = [f"pass_at_{k}" for k in self.evaluate.ks] + ["greedy_accuracy", "delta_pass_at_1"]
+        _require(self.retrain.metric in known, "retrain.metric", self.retrain.metric, f"use one of {known}")
         _require(self.prof.remove is None or self.prof.remove <= self.train.num_generations, "prof.remove",
                  self.prof.remove, f"cannot remove more than train.num_generations ({self.train.num_generations})")
         _require(self.warmup.enabled or not self.model.is_builtin, "warmup.enabled", self.warmup.enabled,

@@ -100,6 +100,16 @@ def _stage_params(params: Params, sections: list[str]) -> dict[str, str]:
     return out
 
 
+def ensure_experiment(params: Params) -> str:
+    """Create the project's experiment (artifacts under mlruns/) if needed, make it current, return its id."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        mlflow.create_experiment(params.tracking.experiment, artifact_location=artifact_location())
+    return mlflow.set_experiment(params.tracking.experiment).experiment_id
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, dvc_file: Path = Path("dvc.yaml")) -> Iterator[object]:
     """An MLflow run for one stage execution; yields the run, tags outputs when the block succeeds."""
@@ -109,10 +119,7 @@ def stage_run(stage: str, params: Params, dvc_file: Path = Path("dvc.yaml")) -> 
 
     inputs, outputs, sections = stage_io(stage, dvc_file)
     mlflow.set_tracking_uri(tracking_uri(params))
-    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
-    if experiment is None:
-        mlflow.create_experiment(params.tracking.experiment, artifact_location=artifact_location())
-    mlflow.set_experiment(params.tracking.experiment)
+    ensure_experiment(params)
     tags = {"dvc.stage": stage, "git.commit": git_commit(), "project.root": str(project_root())}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]

@@ -16,6 +16,6 @@ Pipeline finished (dvc metrics show / dvc exp show for every number).
   MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db --host 127.0.0.1 --port 5000
               then open http://127.0.0.1:5000
   Prefect UI: PREFECT_HOME=$PWD/.prefect .venv/bin/prefect server start --host 127.0.0.1 --port 4200
-              then open http://127.0.0.1:4200 (flow runs: prepare, warmup, score, train, evaluate)
+              then open http://127.0.0.1:4200 (flow runs: prepare, warmup, score, rollout, filter, train, evaluate)
 MSG
 .venv/bin/python -c "import json; from stages.evaluate import summary; print(summary(json.load(open('metrics/eval.json'))))"

@@ -30,6 +30,8 @@ def small_params_dict() -> dict:
     data["warmup"].update(max_steps=20, batch_size=16, logging_steps=5)
     data["train"].update(order="gain_rl", max_steps=4, prompts_per_step=4, num_generations=4,
                          max_completion_length=24, save_steps=2, logging_steps=1)
+    # the 20-step warm-up model solves almost nothing: a band that excludes pass rate 0 would be empty
+    data["filter"].update(pass_rate_min=0.0, pass_rate_max=1.0)
     data["rollout"].update(max_prompts=24, n_samples=4, chunk_size=10, max_new_tokens=24, batch_size=32)
     data["evaluate"].update(benchmarks=["arith", "gsm8k"], n_samples=4, ks=[1, 2, 4], subset_size=6,
                             max_new_tokens=24, n_bootstrap=200)

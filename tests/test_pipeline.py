@@ -34,9 +34,8 @@ def _ran(output: str) -> set[str]:
     return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("pipeline")
+def make_repo(repo: Path, change_params=None) -> Path:
+    """The project files with the small params (after `change_params(dict)`), committed in a new git repo."""
     for name in PROJECT_FILES:
         source = ROOT / name
         if source.is_dir():
@@ -46,11 +45,19 @@ def repo(tmp_path_factory):
             shutil.copy2(source, repo / name)
     params = small_params_dict()
     params["prepare"]["eval"][1]["path"] = "data/sources/benchmarks/gsm8k/test.jsonl"
+    if change_params is not None:
+        change_params(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "pipeline under test"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("pipeline"))
     first = _dvc(repo, "repro")
     return repo, first
 

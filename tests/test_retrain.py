@@ -1,0 +1,156 @@
+"""End to end, real servers on loopback: services up, retrain three times, schedule, lineage, services down."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlvr import registry, services
+from tests.test_pipeline import make_repo
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "DVC_"))}
+    env.update(services.environment(repo))
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(repo)
+    return env
+
+
+def _rlvr(repo: Path, *args: str) -> str:
+    result = subprocess.run([str(BIN / "rlvr"), *args], cwd=repo, env=_env(repo), capture_output=True, text=True)
+    assert result.returncode == 0, f"rlvr {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def _retrain(repo: Path) -> dict:
+    out = _rlvr(repo, "retrain")
+    return json.loads(out[out.rindex("\n{") + 1 :] if "\n{" in out else out)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    params = None
+
+    def shrink(p):
+        nonlocal params
+        p["retrain"].update(min_improvement=0.05, cron="17 4 * * 1")
+        params = p
+
+    repo = make_repo(tmp_path_factory.mktemp("retrain"), shrink)
+    running = services.up(repo, prefect_port=services.free_port(), mlflow_port=services.free_port())
+    assert all(s.url.startswith("http://127.0.0.1:") for s in running.values())
+    yield repo, params, running
+    services.down(repo)
+
+
+@pytest.fixture(scope="module")
+def client(project):
+    from mlflow import MlflowClient
+
+    repo, _, running = project
+    return MlflowClient(tracking_uri=running["mlflow"].url)
+
+
+def test_retrain_registers_schedules_and_traces(project, client):
+    repo, params, running = project
+    name = params["retrain"]["registered_model"]
+
+    # 1. First retrain: the whole pipeline runs, nested under the retrain run; version 1 becomes champion.
+    first = _retrain(repo)
+    assert set(first["ran_stages"]) == {"prepare", "warmup", "score", "rollout", "filter", "train", "evaluate"}
+    assert first["registered"] and first["promoted"] and first["version"] == "1"
+    assert client.get_model_version_by_alias(name, registry.CHAMPION).version == "1"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(experiments, "tags.`rlvr.flow` = 'retrain'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["dvc.stage"] for r in children) == sorted(first["ran_stages"])
+    version = client.get_model_version(name, "1")
+    assert version.source.endswith("/model") and (Path(version.source.removeprefix("file://")) / "config.json").is_file()
+
+    # 2. Lineage of version 1 matches the runs and the digests that were recorded.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    text = _rlvr(repo, "lineage", "--version", "1")
+    for run in children:
+        assert run.info.run_id in text, f"{run.data.tags['dvc.stage']} run missing from the lineage"
+    for stage in ("train", "warmup", "prepare", "filter", "rollout", "score"):
+        for dep in lock[stage]["deps"]:
+            if dep["path"].startswith(("data/", "models/")):
+                assert f"{dep['path']} md5 {dep['md5']} = dvc.lock" in text
+    assert version.tags["dvc.md5"] in text and "[source: no run produced it]" in text  # data/sources
+    record = registry.lineage(client, name, "1", repo / "dvc.lock")
+    assert record["train"].run_id == version.run_id
+    assert [e["run_id"] for e in record["evaluations"]] == [version.tags["evaluate_run_id"]]
+
+    # 3. Nothing changed: no stage runs, nothing new is registered or promoted.
+    second = _retrain(repo)
+    assert second["changed_stages"] == [] and second["ran_stages"] == []
+    assert not second["registered"] and not second["promoted"] and second["version"] == "1"
+
+    # 4. The schedule: `rlvr schedule` serves the retrain flow; its deployment carries the cron from params.
+    proc = subprocess.Popen([str(BIN / "rlvr"), "schedule"], cwd=repo, env=_env(repo), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        cron = _wait_for_schedule(running["prefect"].url + "/api", f"retrain/{params['retrain']['deployment']}")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert cron == params["retrain"]["cron"]
+
+    # 5. A worse model (a shorter warm-up; the shrunk GRPO run cannot change a model that solves
+    # nothing, so the warm-up decides): the stages from warmup on rerun, version 2 is registered, the
+    # alias stays.
+    changed = yaml.safe_load((repo / "params.yaml").read_text())
+    changed["warmup"]["max_steps"] = 8
+    (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    third = _retrain(repo)
+    assert set(third["ran_stages"]) == {"warmup", "score", "rollout", "filter", "train", "evaluate"}
+    assert third["registered"] and third["version"] == "2" and not third["promoted"]
+    assert third["value"] < first["value"] + params["retrain"]["min_improvement"]
+    assert client.get_model_version_by_alias(name, registry.CHAMPION).version == "1"
+
+
+def _wait_for_schedule(api_url: str, deployment: str, timeout_s: float = 90.0) -> str:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read() -> str | None:
+        async with get_client() as prefect:
+            try:
+                found = await prefect.read_deployment_by_name(deployment)
+            except ObjectNotFound:
+                return None
+            return found.schedules[0].schedule.cron if found.schedules else None
+
+    deadline = time.monotonic() + timeout_s
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        while time.monotonic() < deadline:
+            cron = asyncio.run(read())
+            if cron:
+                return cron
+            time.sleep(1.0)
+    raise AssertionError(f"deployment {deployment} with a schedule did not appear in {timeout_s} s")
+
+
+def test_services_down_stops_the_recorded_processes(tmp_path):
+    (tmp_path / "mlruns").mkdir()
+    running = services.up(tmp_path, prefect_port=services.free_port(), mlflow_port=services.free_port())
+    pids = [s.pid for s in running.values()]
+    assert all(services.status(tmp_path)[n]["healthy"] for n in running)
+    assert sorted(services.down(tmp_path)) == ["mlflow", "prefect"]
+    assert not any(services._alive(pid) for pid in pids)
+    assert services.read_state(tmp_path) == {}
+    assert (tmp_path / "logs" / "prefect.log").is_file() and (tmp_path / ".prefect").is_dir()
