@@ -12,10 +12,9 @@ dvc repro "$@"
 cat <<MSG
 
 Pipeline finished (dvc metrics show / dvc exp show for every number).
-  Metrics:    metrics/*.json   (dvc metrics show; per-problem samples in data/evaluated/{policy,warmup}/)
-  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db --host 127.0.0.1 --port 5000
-              then open http://127.0.0.1:5000
-  Prefect UI: PREFECT_HOME=$PWD/.prefect .venv/bin/prefect server start --host 127.0.0.1 --port 4200
-              then open http://127.0.0.1:4200 (flow runs: prepare, warmup, score, rollout, filter, train, evaluate)
+  Metrics:  metrics/*.json   (per-problem samples in data/evaluated/{policy,warmup}/; plots: dvc plots show)
+  UIs:      .venv/bin/rlvr services up   starts Prefect (http://127.0.0.1:4200) and MLflow
+            (http://127.0.0.1:5000) over this project's runs; .venv/bin/rlvr services down stops them.
+  Next:     .venv/bin/rlvr retrain (register + promote), .venv/bin/rlvr schedule, .venv/bin/rlvr lineage
 MSG
 .venv/bin/python -c "import json; from stages.evaluate import summary; print(summary(json.load(open('metrics/eval.json'))))"

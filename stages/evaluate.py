@@ -11,9 +11,9 @@ With `evaluate.baseline` the warm-up model is evaluated with the same settings, 
 difference of pass@1 (same problems; bootstrap over problems) says whether RL helped.
 
 Inputs:  models/policy, models/warmup (baseline), data/prepared/eval/<name>.parquet
-Outputs: metrics/eval.json (per benchmark; the baseline under "warmup"),
+Outputs: metrics/eval.json (per benchmark; the baseline under "warmup"), metrics/passk/<benchmark>.csv,
          data/evaluated/<model>/<name>.parquet (per-problem samples, correctness matrix, greedy result)
-Run:     dvc repro evaluate   (or: python -m flows.stages evaluate)
+Run:     dvc repro evaluate   (or: python -m flows evaluate)
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ BASELINE = Path("models/warmup")
 EVAL_DIR = Path("data/prepared/eval")
 OUTPUT = Path("data/evaluated")
 METRICS = Path("metrics/eval.json")
+PASSK = Path("metrics/passk")  # <benchmark>.csv: k, policy, warmup (for dvc plots)
 BUILTIN_BENCHMARK = "arith"
 
 
@@ -157,6 +158,20 @@ def write(results: dict[str, pd.DataFrame], output: Path = OUTPUT) -> None:
             frame.to_parquet(tmp / f"{key}.parquet", index=False)
 
 
+def passk_curves(params: Params, metrics: dict) -> dict[str, str]:
+    """Per benchmark, CSV text with pass@k of the policy (and the warm-up model) for every k: `dvc plots`."""
+    curves = {}
+    for name, m in metrics.items():
+        rows = []
+        for k in params.evaluate.ks:
+            row = {"k": k, "policy": m[f"pass_at_{k}"]}
+            if "warmup" in m:
+                row["warmup"] = m["warmup"][f"pass_at_{k}"]
+            rows.append(row)
+        curves[name] = pd.DataFrame(rows).to_csv(index=False)
+    return curves
+
+
 def summary(metrics: dict) -> str:
     """A few lines a person reads after a run: pass@1 with its CI and greedy accuracy per benchmark."""
     lines = []
@@ -175,6 +190,9 @@ def summary(metrics: dict) -> str:
 def main(params: Params) -> dict:
     metrics, results = run(params)
     write(results)
+    with atomic_dir(PASSK) as tmp:
+        for name, text in passk_curves(params, metrics).items():
+            (tmp / f"{name}.csv").write_text(text)
     write_json(METRICS, metrics)
     log.info("evaluation summary\n%s", summary(metrics))
     return metrics

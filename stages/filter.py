@@ -10,7 +10,8 @@ step scores, value and the reason each was dropped. Separately, the prompts whos
 
 Inputs:  data/rollouts/rollouts.parquet, data/rollouts/pass_rates.parquet
 Outputs: data/curated/prof.parquet (id, sample, correct, n_steps, step_scores, value, kept, reason),
-         data/curated/prompts.parquet (id, pass_rate: the band), metrics/filter.json
+         data/curated/prompts.parquet (id, pass_rate: the band), metrics/filter.json,
+         metrics/prof_keep.csv (kept correct/incorrect by correct count before PROF: dvc plots)
 Run:     dvc repro filter   (or: python -m flows filter)
 """
 
@@ -25,7 +26,7 @@ import pandas as pd
 
 from rlvr import prof
 from rlvr.config import Params
-from rlvr.io import read_parquet, write_json, write_parquet
+from rlvr.io import read_parquet, write_json, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ PASS_RATES = Path("data/rollouts/pass_rates.parquet")
 OUTPUT = Path("data/curated/prof.parquet")
 PROMPTS = Path("data/curated/prompts.parquet")
 METRICS = Path("metrics/filter.json")
+KEEP_TABLE = Path("metrics/prof_keep.csv")  # per correct-before count: groups, mean kept correct/incorrect
 SCORE_CHUNK = 4096  # responses per PRM call (bounds memory; the PRM batches inside)
 
 
@@ -99,6 +101,17 @@ def keep_statistics(filtered: pd.DataFrame) -> dict:
     }
 
 
+def keep_table(filtered: pd.DataFrame) -> pd.DataFrame:
+    """Mean kept correct / incorrect per group, by how many of the group were correct before PROF."""
+    groups = filtered.groupby("id", sort=False).agg(
+        correct_before=("correct", "sum"),
+        kept_correct=("kept", lambda k: int((k & filtered.loc[k.index, "correct"]).sum())),
+        kept_incorrect=("kept", lambda k: int((k & ~filtered.loc[k.index, "correct"]).sum())))
+    table = groups.groupby("correct_before").agg(groups=("kept_correct", "size"), kept_correct=("kept_correct", "mean"),
+                                                 kept_incorrect=("kept_incorrect", "mean")).reset_index()
+    return table
+
+
 def run(params: Params, rollouts_path: Path = ROLLOUTS, rates_path: Path = PASS_RATES):
     rollouts = read_parquet(rollouts_path, required=("id", "problem", "sample", "completion", "reward"))
     rates = read_parquet(rates_path, required=("id", "pass_rate"))
@@ -125,6 +138,7 @@ def main(params: Params) -> dict:
     filtered, prompts, metrics = run(params)
     write_parquet(OUTPUT, filtered)
     write_parquet(PROMPTS, prompts)
+    write_text(KEEP_TABLE, keep_table(filtered).to_csv(index=False))
     write_json(METRICS, {k: v for k, v in metrics.items() if v is not None})
     log.info("filter: kept %d correct / %d incorrect; %d 'right answer, wrong steps' removed; %d prompts in band",
              metrics["kept_correct"], metrics["kept_incorrect"], metrics["right_answer_wrong_steps_removed"],

@@ -57,6 +57,10 @@ def test_evaluate_writes_sane_metrics_and_matrices(small_params, in_tmp):
     assert json.loads((in_tmp / "metrics/eval.json").read_text()) == metrics
     assert "pass@" not in (in_tmp / "metrics/eval.json").read_text()
     assert "vs warm-up" in evaluate.summary(metrics)
+    curve = pd.read_csv(in_tmp / "metrics/passk/arith.csv")
+    assert curve["k"].tolist() == list(ks)
+    assert curve["policy"].tolist() == [metrics["arith"][f"pass_at_{k}"] for k in ks]
+    assert curve["warmup"].tolist() == [metrics["arith"]["warmup"][f"pass_at_{k}"] for k in ks]
 
 
 def test_paired_delta_hand_worked():

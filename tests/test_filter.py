@@ -56,6 +56,9 @@ def test_filter_keeps_exactly_the_expected_rollouts(in_tmp):
     assert metrics["dropped_for_step_count"] == 1
     assert prompts["id"].tolist() == ["a"] and metrics["band_prompts"] == 1
     assert metrics["mean_value_kept_correct"] == pytest.approx((1.0 + 1.0 + 1 / 3) / 3)
+    table = filter_stage.keep_table(filtered)
+    assert table.to_dict("list") == {"correct_before": [1, 4], "groups": [1, 1], "kept_correct": [1.0, 2.0],
+                                     "kept_incorrect": [3.0, 2.0]}
 
 
 def test_filter_errors(in_tmp):

@@ -114,6 +114,18 @@ def test_mlflow_records_one_run_per_stage_with_dvc_digests(repo):
         o["md5"] for o in lock["warmup"]["outs"] if o["path"] == "models/warmup")
 
 
+def test_plots_in_dvc_and_as_mlflow_artifacts(repo):
+    path, _ = repo
+    out = _dvc(path, "plots", "show", "--json")
+    shown = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    titles = set(shown)
+    for title in ("training reward", "gain-rl mu", "pass@k on the built-in held-out set", "prof keep (filter stage)"):
+        assert title in titles, f"dvc plots show has no {title!r}: {sorted(titles)}"
+    pngs = {p.name for p in (path / "mlruns/artifacts").rglob("plots/*.png")}
+    assert {"training_reward.png", "gain_rl_mu.png", "pass_k_on_the_built_in_held_out_set.png",
+            "prof_keep_filter_stage.png"} <= pngs
+
+
 def test_second_repro_does_nothing_and_an_evaluate_param_reruns_only_evaluate(repo):
     path, _ = repo
     assert _ran(_dvc(path, "repro")) == set()
