@@ -48,40 +48,17 @@ def run_stage(stage: str, main: Callable[[config.Params], dict], params_file: st
     return metrics
 
 
-@flow(name="prepare")
-def prepare_flow(params_file: str = "params.yaml") -> dict:
-    return run_stage("prepare", prepare.main, params_file)
+def stage_flow(stage: str, main: Callable[[config.Params], dict]):
+    """A Prefect flow named after the stage that runs it through `run_stage`."""
+
+    @flow(name=stage)
+    def run(params_file: str = "params.yaml") -> dict:
+        return run_stage(stage, main, params_file)
+
+    return run
 
 
-@flow(name="warmup")
-def warmup_flow(params_file: str = "params.yaml") -> dict:
-    return run_stage("warmup", warmup.main, params_file)
-
-
-@flow(name="score")
-def score_flow(params_file: str = "params.yaml") -> dict:
-    return run_stage("score", score.main, params_file)
-
-
-@flow(name="rollout")
-def rollout_flow(params_file: str = "params.yaml") -> dict:
-    return run_stage("rollout", rollout.main, params_file)
-
-
-@flow(name="filter")
-def filter_flow(params_file: str = "params.yaml") -> dict:
-    return run_stage("filter", filter_stage.main, params_file)
-
-
-@flow(name="train")
-def train_flow(params_file: str = "params.yaml") -> dict:
-    return run_stage("train", train.main, params_file)
-
-
-@flow(name="evaluate")
-def evaluate_flow(params_file: str = "params.yaml") -> dict:
-    return run_stage("evaluate", evaluate.main, params_file)
-
-
-FLOWS = {"prepare": prepare_flow, "warmup": warmup_flow, "score": score_flow, "rollout": rollout_flow,
-         "filter": filter_flow, "train": train_flow, "evaluate": evaluate_flow}
+# In DAG order; the names are the DVC stage names, the Prefect flow names and the MLflow run names.
+FLOWS = {name: stage_flow(name, module.main) for name, module in (
+    ("prepare", prepare), ("warmup", warmup), ("score", score), ("rollout", rollout),
+    ("filter", filter_stage), ("train", train), ("evaluate", evaluate))}

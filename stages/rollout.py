@@ -92,6 +92,8 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN,
     sampling = {"n": r.n_samples, "temperature": r.temperature, "top_p": r.top_p,
                 "max_new_tokens": r.max_new_tokens, "seed": params.seed, "prompt": asdict(params.prompt)}
     cache.mkdir(parents=True, exist_ok=True)
+    for partial in cache.glob(".*.tmp"):  # a chunk being written when an earlier run was killed
+        partial.unlink()
     chunks, used, reused = [], set(), 0
     start = time.perf_counter()
     sampled_seconds, sampled = 0.0, 0
