@@ -12,7 +12,7 @@ for every order, the first step at which the mean reward of the trailing `--wind
 easy prompts first (length) reaches a reward sooner without having learned more; read it next to
 the held-out pass@1.
 
-Run: python benchmarks/orderings.py [--orders uniform gain_rl length random] [--window 10]
+Run: python benchmarks/orderings.py [--orders uniform gain_rl length random] [--window 10] [--seed N]
                                     [--out benchmarks/results/orderings.json]
 """
 
@@ -53,11 +53,15 @@ def main() -> None:
     parser.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--seed", type=int, help="replace params.seed (GRPO sampling and data order, evaluation "
+                                                   "sampling; the warm-up model stays the workspace's)")
     parser.add_argument("--out", default="benchmarks/results/orderings.json")
     args = parser.parse_args()
     if args.orders[0] != "uniform":
         parser.error("the first order must be uniform: it sets the target reward")
     base = config.load(args.params)
+    if args.seed is not None:
+        base = dataclasses.replace(base, seed=args.seed)
     eval_params = dataclasses.replace(base.evaluate, benchmarks=[evaluate.BUILTIN_BENCHMARK])
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,6 +94,7 @@ def main() -> None:
     t = base.train
     result = {
         "date": datetime.date.today().isoformat(),
+        "seed": base.seed,
         "budget": {"max_steps": t.max_steps, "prompts_per_step": t.prompts_per_step,
                    "num_generations": t.num_generations, "learning_rate": t.learning_rate},
         "window": args.window,
