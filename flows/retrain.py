@@ -25,7 +25,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from rlvr import config, registry, tracking
+from rlvr import config, registry, services, tracking
 from rlvr.io import dvc_md5
 
 EVAL_METRICS = Path("metrics/eval.json")
@@ -34,7 +34,7 @@ EVAL_METRICS = Path("metrics/eval.json")
 def _dvc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     dvc = Path(sys.executable).parent / "dvc"
     return subprocess.run([str(dvc) if dvc.exists() else "dvc", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+                          env=services.dvc_env(env))
 
 
 @task(name="dvc-status")

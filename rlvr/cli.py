@@ -54,7 +54,7 @@ def cmd_run(args) -> int:
     root = _root()
     _use_services(root)
     dvc = Path(sys.executable).parent / "dvc"
-    return subprocess.call([str(dvc) if dvc.exists() else "dvc", "repro", *args.dvc_args], cwd=root)
+    return subprocess.call([str(dvc) if dvc.exists() else "dvc", "repro", *args.dvc_args], cwd=root, env=services.dvc_env())
 
 
 def cmd_retrain(args) -> int:

@@ -189,7 +189,13 @@ def render(record: dict, metric_keys: tuple[str, ...] = ("arith.pass_at_1", "ari
         shown = ", ".join(f"{k} {e['metrics'][k]:.4f}" for k in metric_keys if k in e["metrics"])
         lines.append(f"  evaluate run {e['run_id']} (commit {e['commit']}){': ' + shown if shown else ''}")
 
+    shown: set[str] = set()
+
     def walk(node: Node, indent: str) -> None:
+        if node.run_id in shown:  # a run that feeds several stages is printed once
+            lines.append(f"{indent}{node.stage} run {node.run_id} (shown above)")
+            return
+        shown.add(node.run_id)
         lines.append(f"{indent}{node.stage} run {node.run_id} (commit {node.commit}, {len(node.params)} params)")
         for item in node.inputs:
             check = ""

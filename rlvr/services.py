@@ -10,7 +10,7 @@ temporary server per stage.
 
 Lightweight settings: Prefect's analytics, foreman, repossessor, trigger and event-logger services
 are off (nothing here uses work pools or automations); the scheduler stays on (cron deployments).
-MLflow runs one worker.
+MLflow runs one worker and no job runner.
 """
 
 from __future__ import annotations
@@ -112,6 +112,13 @@ def environment(root: Path) -> dict[str, str]:
     return env
 
 
+def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a `dvc` subprocess: this interpreter's bin folder first on PATH, so that
+    dvc.yaml's `python -m flows ...` runs in this virtual environment even when it is not activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
+
+
 def _spawn(root: Path, name: str, command: list[str], env: dict[str, str]) -> tuple[int, str]:
     (root / LOGS).mkdir(exist_ok=True)
     log = root / LOGS / f"{name}.log"
@@ -132,7 +139,10 @@ def up(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout_s:
         "mlflow": (mlflow_port, [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port), "--workers", "1",
                                  "--backend-store-uri", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
                                  "--default-artifact-root", (root / "mlruns" / "artifacts").as_uri()],
-                   {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}, "/health"),
+                   {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                    # the server's job runner starts a pool of background consumer processes this
+                    # project never submits work to
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, "/health"),
     }
     for name, (port, command, env, health) in wanted.items():
         if name in services:
