@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from rlvr import config, models
-from stages import prepare, score, train, warmup
+from stages import filter as filter_stage
+from stages import prepare, rollout, score, train, warmup
 from tests.conftest import ROOT, small_params_dict
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """prepare + warmup + score once, for every test in this module."""
+    """prepare, warmup, score, rollout and filter once, for every test in this module."""
     path = tmp_path_factory.mktemp("train")
     old = os.getcwd()
     os.chdir(path)
@@ -29,6 +30,8 @@ def workdir(tmp_path_factory):
         prepare.main(params)
         warmup.main(params)
         score.main(params)
+        rollout.main(params)
+        filter_stage.main(params)
     finally:
         os.chdir(old)
     return path
