@@ -65,6 +65,19 @@ def _latest_run(client, experiment_id: str, stage: str, policy_md5: str):
     return runs[0] if runs else None
 
 
+def _champion_value(client, champion, benchmark: str, metric: str) -> float | None:
+    """The champion's metric: its version tag, else its evaluate run's MLflow metric."""
+    if champion is None:
+        return None
+    tag = registry.metric_tag(benchmark, metric)
+    if tag in champion.tags:
+        return float(champion.tags[tag])
+    run_id = champion.tags.get("evaluate_run_id")
+    if run_id:
+        return client.get_run(run_id).data.metrics.get(f"{benchmark}.{metric}")
+    return None
+
+
 def metrics_table(new: dict, champion: dict | None) -> str:
     keys = sorted(k for k, v in new.items() if isinstance(v, (int, float)) and not k.endswith(("_low", "_high")))
     rows = ["| metric | new | champion |", "|---|---|---|"]
@@ -116,8 +129,12 @@ def retrain(params_file: str = "params.yaml") -> dict:
                 "evaluate_run_id": eval_run.info.run_id, tag: str(value), "git.commit": tracking.git_commit(),
             })
             registered = True
-            champion_value = float(champion.tags[tag]) if champion is not None and tag in champion.tags else None
-            decision = registry.decide(value, champion_value, r.min_improvement)
+            champion_value = _champion_value(client, champion, r.benchmark, r.metric)
+            if champion is not None and champion_value is None:
+                decision = registry.Decision(False, f"the champion (version {champion.version}) has no recorded "
+                                                    f"{r.benchmark}.{r.metric} to compare with: not promoted")
+            else:
+                decision = registry.decide(value, champion_value, r.min_improvement)
             if decision.promote:
                 client.set_registered_model_alias(r.registered_model, registry.CHAMPION, version.version)
         summary = {
