@@ -57,14 +57,6 @@ def repro(parent_run_id: str) -> list[str]:
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
 
 
-def _latest_run(client, experiment_id: str, stage: str, policy_md5: str):
-    """The latest run of `stage` tied to this policy (train: wrote it; evaluate: read it)."""
-    if stage == "train":
-        return registry.producer_run(client, [experiment_id], registry.POLICY, policy_md5)
-    runs = registry.evaluation_runs(client, [experiment_id], policy_md5)
-    return runs[0] if runs else None
-
-
 def _champion_value(client, champion, benchmark: str, metric: str) -> float | None:
     """The champion's metric: its version tag, else its evaluate run's MLflow metric."""
     if champion is None:
@@ -108,8 +100,9 @@ def retrain(params_file: str = "params.yaml") -> dict:
             log.info("nothing changed (data, params, code): no training")
             ran = []
         policy_md5 = dvc_md5(registry.POLICY)
-        train_run = _latest_run(client, experiment, "train", policy_md5)
-        eval_run = _latest_run(client, experiment, "evaluate", policy_md5)
+        train_run = registry.producer_run(client, [experiment], registry.POLICY, policy_md5)
+        evaluations = registry.evaluation_runs(client, [experiment], policy_md5)  # newest first
+        eval_run = evaluations[0] if evaluations else None
         if train_run is None or eval_run is None:
             raise RuntimeError(f"no MLflow train/evaluate run records models/policy md5 {policy_md5}: "
                                "run the pipeline with tracking first (dvc repro)")

@@ -39,6 +39,7 @@ from torch.utils.data import Sampler
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl import GRPOTrainer
+from trl.trainer.utils import nanstd
 
 from rlvr import gain_rl, prof
 from rlvr.grading import Grader
@@ -101,27 +102,21 @@ def kept_advantages(rewards: torch.Tensor, kept: torch.Tensor, num_generations: 
                     scale_rewards: str = "group") -> torch.Tensor:
     """GRPO advantages computed over the kept rollouts of each group only; 0 for dropped ones.
 
-    Mirrors TRL's normalisation: (r - group mean) / (std + 1e-4) with the Bessel-corrected std of the
-    group (`group`) or of every kept reward in the batch (`batch`), or no scaling (`none`). NaN
-    rewards (unscorable) are left out of the statistics and get advantage 0, as in TRL.
+    Mirrors TRL's normalisation, with TRL's own `nanstd`: (r - group mean) / (std + 1e-4) with the
+    Bessel-corrected std of the group (`group`) or of every kept reward in the batch (`batch`), or no
+    scaling (`none`). NaN rewards (unscorable) are left out of the statistics and get advantage 0, as
+    in TRL; so does a group with a single kept rollout (its std is undefined, its advantage 0).
     """
     masked = torch.where(kept, rewards, torch.full_like(rewards, float("nan"))).view(-1, num_generations)
     mean = torch.nanmean(masked, dim=1, keepdim=True)
     if scale_rewards == "batch":
-        std = _nanstd(masked.flatten()).expand_as(masked)
+        std = nanstd(masked.flatten()).expand_as(masked)
     else:
-        std = _nanstd(masked, dim=1).unsqueeze(1).expand_as(masked)
+        std = nanstd(masked, dim=1).unsqueeze(1).expand_as(masked)
     advantages = masked - mean
     if scale_rewards != "none":
         advantages = advantages / (std + 1e-4)
     return torch.nan_to_num(advantages.flatten(), nan=0.0)
-
-
-def _nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    count = (~torch.isnan(values)).sum(dim=dim) if dim is not None else (~torch.isnan(values)).sum()
-    mean = torch.nanmean(values, dim=dim, keepdim=dim is not None)
-    variance = torch.nanmean((values - mean) ** 2, dim=dim)
-    return torch.where(count > 1, (variance * count / (count - 1).clamp_min(1)).sqrt(), torch.zeros_like(variance))
 
 
 class OrderedRepeatSampler(Sampler[int]):

@@ -99,14 +99,9 @@ def filter_group(correct: Sequence[bool], values: Sequence[float], n_steps: Sequ
 
     reasons = [KEPT] * n
     for side, count, sign, reason in ((pos, remove_pos, 1.0, LOW_VALUE), (neg, remove_neg, -1.0, HIGH_VALUE)):
-        for i in sorted(side, key=lambda i: badness(i, sign))[:count]:
-            value = values[i]
-            if not (min_steps <= n_steps[i] <= max_steps):
-                reasons[i] = STEP_COUNT
-            elif value is None or math.isnan(value):
-                reasons[i] = NAN_VALUE
-            else:
-                reasons[i] = reason
+        for key in sorted(badness(i, sign) for i in side)[:count]:
+            in_bounds, finite, _, i = key
+            reasons[i] = STEP_COUNT if not in_bounds else NAN_VALUE if not finite else reason
     return GroupDecision(kept=[r == KEPT for r in reasons], reasons=reasons)
 
 

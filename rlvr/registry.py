@@ -132,11 +132,19 @@ def producer_run(client, experiment_ids: list[str], path: str, digest: str, root
     return None
 
 
-def trace(client, run, experiment_ids: list[str], lock: dict, root: Path = Path("."), depth: int = 0) -> Node:
-    """The lineage tree above `run`: for every dataset input, the run that produced it, recursively."""
+def trace(client, run, experiment_ids: list[str], lock: dict, root: Path = Path("."), depth: int = 0,
+          seen: dict[str, Node] | None = None) -> Node:
+    """The lineage tree above `run`: for every dataset input, the run that produced it, recursively.
+
+    A run that feeds several stages (prepare feeds most of them) is traced once and shared.
+    """
+    seen = {} if seen is None else seen
+    if run.info.run_id in seen:
+        return seen[run.info.run_id]
     stage = run.data.tags.get("dvc.stage", run.info.run_name)
     node = Node(stage=stage, run_id=run.info.run_id, commit=run.data.tags.get("git.commit", "unknown"),
                 params=dict(run.data.params))
+    seen[run.info.run_id] = node
     locked = {d["path"]: d.get("md5") for d in lock.get("stages", {}).get(stage, {}).get("deps", [])}
     for dataset_input in run.inputs.dataset_inputs:
         path, digest = dataset_input.dataset.name, dataset_input.dataset.digest
@@ -145,7 +153,7 @@ def trace(client, run, experiment_ids: list[str], lock: dict, root: Path = Path(
             "path": path,
             "digest": digest,
             "lock_md5": locked.get(path),
-            "producer": trace(client, producer, experiment_ids, lock, root, depth + 1) if producer else None,
+            "producer": trace(client, producer, experiment_ids, lock, root, depth + 1, seen) if producer else None,
         })
     return node
 
