@@ -123,9 +123,14 @@ def fingerprint(params: Params, inputs: list[Path]) -> str:
 
 
 def resume_point(checkpoints: Path, expected: str) -> str | None:
-    """The last checkpoint of an interrupted run with the same fingerprint, else None (and a clean dir)."""
+    """The last checkpoint of an interrupted run with the same fingerprint, else None (and a clean dir).
+
+    A run that finished marks its stamp complete (`mark_complete`): its checkpoints are never resumed,
+    so a rerun for a reason the fingerprint does not cover (a code change) trains from the start.
+    """
     stamp = checkpoints / FINGERPRINT
-    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == expected:
+    recorded = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if recorded.get("fingerprint") == expected and not recorded.get("complete"):
         last = get_last_checkpoint(str(checkpoints))
         if last:
             return last
@@ -134,6 +139,11 @@ def resume_point(checkpoints: Path, expected: str) -> str | None:
     checkpoints.mkdir(parents=True)
     write_json(stamp, {"fingerprint": expected})
     return None
+
+
+def mark_complete(checkpoints: Path) -> None:
+    stamp = checkpoints / FINGERPRINT
+    write_json(stamp, {**json.loads(stamp.read_text()), "complete": True})
 
 
 def dataset_and_ordering(params: Params, frame: pd.DataFrame, angles: pd.DataFrame) -> tuple[Dataset, list[int]]:
@@ -201,6 +211,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
         )
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
+        mark_complete(checkpoints)
         seconds = time.perf_counter() - start
     models.save_model(trainer.model, tokenizer, output)
     # The trainer state's log history survives a resume (it is saved in every checkpoint).

@@ -80,6 +80,10 @@ def test_resume_point_discards_checkpoints_of_other_params(tmp_path):
     (ckpts / "checkpoint-10").mkdir()
     (ckpts / "checkpoint-10" / "trainer_state.json").write_text("{}")
     assert train.resume_point(ckpts, "a").endswith("checkpoint-10")
+    train.mark_complete(ckpts)  # a finished run's checkpoints are not resumed, even with the same params
+    assert train.resume_point(ckpts, "a") is None and not (ckpts / "checkpoint-10").exists()
+    (ckpts / "checkpoint-10").mkdir()
+    (ckpts / "checkpoint-10" / "trainer_state.json").write_text("{}")
     assert train.resume_point(ckpts, "b") is None
     assert not (ckpts / "checkpoint-10").exists()
     assert json.loads((ckpts / train.FINGERPRINT).read_text()) == {"fingerprint": "b"}
