@@ -1,17 +1,25 @@
-"""Prefect flows: every DVC stage (flows/stages.py) and scheduled retraining (flows/retrain.py).
+"""Prefect flows: every DVC stage (flows/stages.py), scheduled retraining (flows/retrain.py), the
+`rlvr` command line (flows/cli.py) and the local services it manages (flows/services.py).
 
-Importing this package sets environment defaults before Prefect is imported, so that our own loggers
-reach the Prefect UI and no analytics are sent; values already in the environment win. Prefect's
-state (the temporary server's database) lives under the project, next to mlruns/.
+Importing this package changes nothing. Entry points (`python -m flows`, `rlvr`) call
+`configure_environment()` before they import Prefect, so that our own loggers reach the Prefect UI, no
+analytics are sent and Prefect's state (the temporary server's database) lives under the project,
+next to mlruns/. Values already in the environment win.
 """
 
 import os
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve() / ".prefect"))
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlvr,stages,flows")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+LOGGERS = "rlvr,stages,flows"
+
+
+def configure_environment() -> None:
+    """Environment defaults for Prefect and MLflow; call before Prefect is imported."""
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", LOGGERS)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def info_logging() -> None:
@@ -19,5 +27,5 @@ def info_logging() -> None:
     WARNING; INFO is where the stages report counts and timings."""
     import logging
 
-    for name in os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"].split(","):
+    for name in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", LOGGERS).split(","):
         logging.getLogger(name.strip()).setLevel(logging.INFO)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows import info_logging
+from flows import configure_environment, info_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_environment()
     from flows.stages import FLOWS
 
     parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__.splitlines()[0])

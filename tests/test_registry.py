@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from rlvr import config, registry
-from rlvr.cli import build_parser
+from flows.cli import build_parser
 from tests.conftest import real_params_dict
 
 
@@ -39,11 +39,11 @@ def test_cli_help_lists_every_operation():
     text = build_parser().format_help()
     for command in ("services", "run", "retrain", "schedule", "lineage"):
         assert command in text
-    out = subprocess.run([sys.executable, "-m", "rlvr.cli", "services", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "services", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "up" in out.stdout and "down" in out.stdout
 
 
 def test_cli_refuses_to_run_outside_a_project(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rlvr.cli", "services", "status"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "services", "status"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert out.returncode != 0 and "project root" in out.stderr

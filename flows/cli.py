@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlvr import services
+from flows import configure_environment, services
 
 
 def _root() -> Path:
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_environment()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
