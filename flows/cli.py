@@ -1,7 +1,8 @@
 """`rlvr`: the project's command line (run it from the project root, where dvc.yaml is).
 
   rlvr services up|down|status   local Prefect and MLflow servers on 127.0.0.1
-  rlvr run [DVC REPRO ARGS]      the pipeline (dvc repro), reporting to the services when they are up
+  rlvr check                     validate params.yaml and the input paths it names (runs nothing)
+  rlvr run [DVC REPRO ARGS]      rlvr check, then the pipeline (dvc repro), reporting to the services when up
   rlvr retrain                   one retrain: dvc repro, register, promote only a better model
   rlvr schedule                  serve the retrain flow on the cron schedule in params (needs services)
   rlvr lineage [--version N]     a registered version's chain back to the source files
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 from flows import configure_environment, services
+from rlvr import config
+from rlvr.errors import RlvrError, debug_enabled, report
 
 
 def _root() -> Path:
@@ -37,28 +40,45 @@ def _use_services(root: Path) -> dict[str, str]:
 def cmd_services(args) -> int:
     root = _root()
     if args.action == "up":
-        running = services.up(root, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+        running = services.up(root, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, auth=args.auth)
         for s in running.values():
-            print(f"{s.name:8} {s.url}  (pid {s.pid}, log {s.log})")
-        print(f"\nexport PREFECT_API_URL={running['prefect'].url}/api MLFLOW_TRACKING_URI={running['mlflow'].url}"
-              "\n(rlvr run / retrain / schedule / lineage pick these up by themselves)")
+            print(f"{s.name:8} {s.url}  (pid {s.pid}, log {s.log}{', login required' if s.auth else ''})")
+        print(f"\nexport PREFECT_API_URL={running['prefect'].url}/api MLFLOW_TRACKING_URI={running['mlflow'].url}")
+        if args.auth:
+            user, password = f"${services.USER_ENV}", f"${services.PASSWORD_ENV}"
+            print(f"export PREFECT_API_AUTH_STRING={user}:{password} MLFLOW_TRACKING_USERNAME={user} "
+                  f"MLFLOW_TRACKING_PASSWORD={password}")
+        print("(rlvr run / retrain / schedule / lineage pick these up by themselves)")
     elif args.action == "down":
-        stopped = services.down(root)
-        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        outcome = services.down(root)
+        for name, text in outcome.items():
+            print(f"{name:8} {text}")
+        if not outcome:
+            print(f"nothing to stop: no servers recorded in {services.STATE}")
     else:
         print(json.dumps(services.status(root), indent=2))
     return 0
 
 
+def cmd_check(args) -> int:
+    config.check(args.params, _root())
+    print(f"rlvr check: {args.params} is valid and every input path it names exists")
+    return 0
+
+
 def cmd_run(args) -> int:
     root = _root()
+    # Every stage's params and inputs, before DVC deletes the outputs of the first stage it reruns.
+    config.check("params.yaml", root)
     _use_services(root)
     dvc = Path(sys.executable).parent / "dvc"
     return subprocess.call([str(dvc) if dvc.exists() else "dvc", "repro", *args.dvc_args], cwd=root, env=services.dvc_env())
 
 
 def cmd_retrain(args) -> int:
-    _use_services(_root())
+    root = _root()
+    config.check(args.params, root)  # before dvc repro deletes any stage output
+    _use_services(root)
     from flows import info_logging
     from flows.retrain import retrain
 
@@ -119,8 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--prefect-port", type=int, default=4200)
     p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--auth", action="store_true",
+                   help=f"up: both servers require a login, from ${services.USER_ENV} and ${services.PASSWORD_ENV}")
     p.set_defaults(func=cmd_services)
-    p = sub.add_parser("run", help="run the pipeline (dvc repro); extra arguments go to dvc repro")
+    p = sub.add_parser("check", help="validate params and the input paths they name; runs nothing")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("run", help="check params, then run the pipeline (dvc repro); extra arguments go to dvc repro")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
     for name, func, text in (("retrain", cmd_retrain, "retrain once: dvc repro, register, promote if better"),
@@ -143,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except services.ServiceError as error:
         print(f"rlvr: {error}", file=sys.stderr)
+        return 1
+    except RlvrError as error:
+        if debug_enabled():
+            raise
+        print(report(args.command, error), file=sys.stderr)
         return 1
 
 

@@ -2,21 +2,33 @@
 
 `up` starts `prefect server start` and `mlflow server` on 127.0.0.1 with their state under the project
 (Prefect's database in .prefect/, MLflow's SQLite store and artifacts in mlruns/, the same store the
-pipeline writes to without a server), logs in logs/, and records PIDs, ports and URLs in
-.services/services.json. `down` stops exactly those processes (SIGTERM to each process group, SIGKILL
-after a grace period). While the file exists, `environment()` gives PREFECT_API_URL and
-MLFLOW_TRACKING_URI for them, so pipeline runs report to the servers instead of starting Prefect's
-temporary server per stage.
+pipeline writes to without a server), logs in logs/, and records each server's PID, command line,
+process start time, port and URL in .services/services.json. `down` signals a recorded PID only while
+it is still that server (same start time, same command line): a PID reused by another process after
+the server died is reported and left alone. While the servers run, `environment()` gives
+PREFECT_API_URL and MLFLOW_TRACKING_URI for them (and the credentials, with --auth), so pipeline runs
+report to the servers instead of starting Prefect's temporary server per stage.
+
+Security. Both servers listen on 127.0.0.1 only. Prefect refuses cross-origin writes
+(flows/security.py: CSRF tokens, CORS only for its own origin). `up(auth=True)` adds logins:
+MLflow's basic-auth app and Prefect's API auth string, both with the credentials in
+RLVR_SERVICES_USER / RLVR_SERVICES_PASSWORD.
+The password never touches the disk: it goes to the servers through their environment, and MLflow
+keeps only a hash of it in its user store, .services/mlflow-auth.db.
 
 Lightweight settings: Prefect's analytics, foreman, repossessor, trigger and event-logger services
 are off (nothing here uses work pools or automations); the scheduler stays on (cron deployments).
 MLflow runs one worker and no job runner.
+
+Not covered: the PID check needs /proc (Linux); elsewhere `down` signals nothing and says so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,12 +36,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from base64 import b64encode
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from flows.security import prefect_security
 
 HOST = "127.0.0.1"
 STATE = Path(".services/services.json")
+MLFLOW_AUTH_CONFIG = Path(".services/mlflow-auth.ini")
+MLFLOW_AUTH_DB = Path(".services/mlflow-auth.db")
 LOGS = Path("logs")
+USER_ENV = "RLVR_SERVICES_USER"
+PASSWORD_ENV = "RLVR_SERVICES_PASSWORD"
+MIN_PASSWORD = 12  # MLflow refuses shorter passwords for its users
 
 PREFECT_LIGHT = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -53,6 +73,22 @@ class Service:
     url: str
     health: str
     log: str
+    command: list[str] = field(default_factory=list)  # as started; the running argv ends with it
+    start: str = ""  # tracking.process_start(pid) right after the start
+    auth: bool = False
+
+
+def credentials() -> tuple[str, str]:
+    """(user, password) for --auth, from RLVR_SERVICES_USER / RLVR_SERVICES_PASSWORD."""
+    user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV, "")
+    if not user or not password:
+        raise ServiceError(f"--auth needs credentials: export {USER_ENV}=<name> and {PASSWORD_ENV}=<password> "
+                           f"(at least {MIN_PASSWORD} characters)")
+    if ":" in user:
+        raise ServiceError(f"{USER_ENV} may not contain ':' (HTTP basic auth separates name and password with it)")
+    if len(password) < MIN_PASSWORD:
+        raise ServiceError(f"{PASSWORD_ENV} has {len(password)} characters; MLflow needs at least {MIN_PASSWORD}")
+    return user, password
 
 
 def free_port() -> int:
@@ -78,21 +114,67 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
+def _status_with_login(url: str, user: str, password: str) -> int:
+    """HTTP status of a GET with basic-auth credentials (0 when nothing answers)."""
+    token = b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
+
+
+def identify(service: Service) -> tuple[str, str]:
+    """Whether the recorded PID is still the server `up` started: ("server", ""), or ("gone", why),
+    ("other", why) for a PID now used by another process, ("unknown", why) for a record that cannot
+    be checked.
+
+    The start time names the process (a reused PID has a later one); the command line is checked
+    too, as its tail: a console script runs as `python <script> ARGS`, so the recorded command
+    appears after the interpreter."""
+    from rlvr.tracking import process_start
+
+    if not service.start or not service.command:
+        return "unknown", (f"the record has no start time or command line (written by an older version), so "
+                           f"pid {service.pid} cannot be checked; stop it by hand if it is the server")
+    if process_start(os.getpid()) is None:
+        return "unknown", f"no /proc on this system, so pid {service.pid} cannot be checked; stop it by hand"
+    start = process_start(service.pid)
+    if start is None:
+        return "gone", f"pid {service.pid} is not running"
+    actual = _cmdline(service.pid)
+    if start != service.start:
+        return "other", (f"pid {service.pid} is now another process (`{shlex.join(actual)}`), started after "
+                         f"the recorded server")
+    if actual[-len(service.command):] != service.command:
+        return "other", f"pid {service.pid} runs `{shlex.join(actual)}`, not the recorded `{shlex.join(service.command)}`"
+    return "server", ""
+
+
+def _is_server(service: Service) -> bool:
+    return identify(service)[0] == "server"
 
 
 def read_state(root: Path) -> dict[str, Service]:
     path = root / STATE
     if not path.is_file():
         return {}
-    return {name: Service(**spec) for name, spec in json.loads(path.read_text()).items()}
+    try:
+        return {name: Service(**spec) for name, spec in json.loads(path.read_text()).items()}
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ServiceError(f"{path} is not a services record ({error}); stop the servers it names by hand, "
+                           "then delete it") from error
 
 
 def _write_state(root: Path, services: dict[str, Service]) -> None:
@@ -101,14 +183,28 @@ def _write_state(root: Path, services: dict[str, Service]) -> None:
     write_json(root / STATE, {name: asdict(s) for name, s in services.items()})
 
 
+def running(root: Path) -> dict[str, Service]:
+    """The recorded servers that still run (checked by start time and command line)."""
+    return {n: s for n, s in read_state(root.resolve()).items() if _is_server(s)}
+
+
 def environment(root: Path) -> dict[str, str]:
-    """PREFECT_API_URL / MLFLOW_TRACKING_URI for the running services (empty when none are up)."""
-    services = read_state(root)
+    """What clients need for the running services: PREFECT_API_URL, MLFLOW_TRACKING_URI and, for
+    servers started with --auth, PREFECT_API_AUTH_STRING and MLFLOW_TRACKING_USERNAME/PASSWORD from
+    RLVR_SERVICES_USER / RLVR_SERVICES_PASSWORD. Empty when none are up."""
+    services = running(root)
     env = {}
-    if "prefect" in services and _alive(services["prefect"].pid):
+    if "prefect" in services:
         env["PREFECT_API_URL"] = services["prefect"].url + "/api"
-    if "mlflow" in services and _alive(services["mlflow"].pid):
+    if "mlflow" in services:
         env["MLFLOW_TRACKING_URI"] = services["mlflow"].url
+    if any(s.auth for s in services.values()):
+        user, password = credentials()
+        if "prefect" in services and services["prefect"].auth:
+            env["PREFECT_API_AUTH_STRING"] = f"{user}:{password}"
+        if "mlflow" in services and services["mlflow"].auth:
+            env["MLFLOW_TRACKING_USERNAME"] = user
+            env["MLFLOW_TRACKING_PASSWORD"] = password
     return env
 
 
@@ -119,73 +215,152 @@ def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
 
 
-def _spawn(root: Path, name: str, command: list[str], env: dict[str, str]) -> tuple[int, str]:
+def _spawn(root: Path, name: str, command: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Start `command` in its own session (so `down` can signal its whole process group); returns
+    its pid, process start time and log file."""
+    from rlvr.tracking import process_start
+
     (root / LOGS).mkdir(exist_ok=True)
     log = root / LOGS / f"{name}.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(command, cwd=root, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    return process.pid, str(log)
+    # Popen returns once the command is executing: its start time is already final.
+    return process.pid, process_start(process.pid) or "", str(log)
 
 
-def up(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout_s: float = 120.0) -> dict[str, Service]:
-    """Start both servers (those not already running) and wait until they answer."""
+def _mlflow_auth_env(root: Path, user: str, password: str) -> dict[str, str]:
+    """MLflow's basic-auth app: a config file under .services/ with no secret in it (the admin comes
+    from the environment, MLflow's own MLFLOW_AUTH_ADMIN_* variables) and a Flask secret key, new at
+    each start, that only its CSRF check of the sign-up form uses."""
+    from rlvr.io import write_text
+
+    write_text(root / MLFLOW_AUTH_CONFIG,
+               "# written by `rlvr services up --auth`; the admin's name and password come from the environment\n"
+               "[mlflow]\n"
+               "default_permission = READ\n"
+               f"database_uri = sqlite:///{root / MLFLOW_AUTH_DB}\n"
+               "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(root / MLFLOW_AUTH_CONFIG), "MLFLOW_AUTH_ADMIN_USERNAME": user,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+
+
+def _check_login(services: dict[str, Service], user: str, password: str) -> None:
+    """With --auth, the credentials must open both servers. MLflow creates its admin only once, so an
+    auth store from an earlier password refuses the current one."""
+    probes = {"prefect": "/api/admin/version", "mlflow": "/api/2.0/mlflow/experiments/search?max_results=1"}
+    for name, service in services.items():
+        code = _status_with_login(service.url + probes[name], user, password)
+        if code == 200:
+            continue
+        hint = (f"its user store {MLFLOW_AUTH_DB} was created with another password: use that one, or stop the "
+                f"services and delete the file (it holds MLflow's users only)") if name == "mlflow" else \
+            f"see {service.log}"
+        raise ServiceError(f"{name} refused {USER_ENV}/{PASSWORD_ENV} (HTTP {code}); {hint}")
+
+
+def up(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout_s: float = 120.0,
+       auth: bool = False) -> dict[str, Service]:
+    """Start both servers (those not already running) and wait until they answer.
+
+    With `auth`, both servers require the credentials in RLVR_SERVICES_USER / RLVR_SERVICES_PASSWORD."""
     root = root.resolve()
-    services = {n: s for n, s in read_state(root).items() if _alive(s.pid)}
+    login = credentials() if auth else None
+    services = running(root)
+    for service in services.values():
+        if service.auth != auth:
+            raise ServiceError(f"{service.name} already runs {'with' if service.auth else 'without'} --auth; "
+                               "run `rlvr services down` first")
     (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
+    prefect_url, mlflow_url = f"http://{HOST}:{prefect_port}", f"http://{HOST}:{mlflow_port}"
+    prefect_env = {"PREFECT_HOME": str(root / ".prefect"), **PREFECT_LIGHT, **prefect_security(prefect_url)}
+    mlflow_command = [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port), "--workers", "1",
+                      "--backend-store-uri", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+                      "--default-artifact-root", (root / "mlruns" / "artifacts").as_uri()]
+    mlflow_env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                  # the server's job runner starts a pool of background consumer processes this
+                  # project never submits work to
+                  "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if login:
+        prefect_env["PREFECT_SERVER_API_AUTH_STRING"] = ":".join(login)
+        mlflow_command += ["--app-name", "basic-auth"]
+        mlflow_env.update(_mlflow_auth_env(root, *login))
     wanted = {
-        "prefect": (prefect_port, [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
-                    {"PREFECT_HOME": str(root / ".prefect"), **PREFECT_LIGHT}, "/api/health"),
-        "mlflow": (mlflow_port, [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port), "--workers", "1",
-                                 "--backend-store-uri", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-                                 "--default-artifact-root", (root / "mlruns" / "artifacts").as_uri()],
-                   {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                    # the server's job runner starts a pool of background consumer processes this
-                    # project never submits work to
-                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, "/health"),
+        "prefect": (prefect_port, prefect_url, "/api/health",
+                    [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)], prefect_env),
+        "mlflow": (mlflow_port, mlflow_url, "/health", mlflow_command, mlflow_env),
     }
-    for name, (port, command, env, health) in wanted.items():
+    started = {}
+    for name, (port, url, health, command, env) in wanted.items():
         if name in services:
             continue
         if _port_in_use(port):
             raise ServiceError(f"{HOST}:{port} is already in use; choose another port for {name}")
-        pid, log = _spawn(root, name, command, env)
-        url = f"http://{HOST}:{port}"
-        services[name] = Service(name=name, pid=pid, port=port, url=url, health=url + health, log=log)
+        pid, start, log = _spawn(root, name, command, env)
+        started[name] = Service(name=name, pid=pid, port=port, url=url, health=url + health, log=log,
+                                command=command, start=start, auth=auth)
+    services.update(started)
     _write_state(root, services)
     deadline = time.monotonic() + timeout_s
-    for service in services.values():
+    for service in started.values():
         while not _healthy(service.health):
-            if not _alive(service.pid):
+            if not _is_server(service):
                 raise ServiceError(f"{service.name} exited during start-up; see {service.log}")
             if time.monotonic() > deadline:
                 raise ServiceError(f"{service.name} did not answer {service.health} in {timeout_s:.0f} s; "
                                    f"see {service.log}")
             time.sleep(0.5)
+    if login:
+        if (root / MLFLOW_AUTH_DB).exists():
+            (root / MLFLOW_AUTH_DB).chmod(0o600)  # password hashes: for this user's eyes only
+        _check_login(started, *login)
     return services
 
 
-def down(root: Path, grace_s: float = 15.0) -> list[str]:
-    """Stop the recorded servers (their whole process groups); returns the names stopped."""
+def _signal_group(service: Service, signum: int) -> bool:
+    """Signal the server's process group, after checking (again) that the PID is still the server."""
+    if not _is_server(service):
+        return False
+    try:
+        os.killpg(service.pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def down(root: Path, grace_s: float = 15.0) -> dict[str, str]:
+    """Stop the recorded servers (their whole process groups: SIGTERM, SIGKILL after `grace_s`), each
+    only while its PID is still that server; returns what happened to each, in words."""
     root = root.resolve()
-    stopped = []
-    for service in read_state(root).values():
-        if not _alive(service.pid):
+    outcome = {}
+    keep = {}
+    for name, service in read_state(root).items():
+        kind, why = identify(service)
+        if kind == "unknown":
+            keep[name] = service  # the server may still run: keep its record
+            outcome[name] = f"not signalled: {why}"
             continue
-        try:
-            os.killpg(service.pid, signal.SIGTERM)
-        except ProcessLookupError:
+        if kind == "gone":
+            outcome[name] = f"was not running ({why})"
             continue
+        if kind == "other":
+            outcome[name] = f"not signalled: {why}; it is not the server `rlvr services up` started"
+            continue
+        _signal_group(service, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while _alive(service.pid) and time.monotonic() < deadline:
+        while _is_server(service) and time.monotonic() < deadline:
             _reap(service.pid)
             time.sleep(0.2)
-        if _alive(service.pid):
-            os.killpg(service.pid, signal.SIGKILL)
+        if _signal_group(service, signal.SIGKILL):
             _reap(service.pid)
-        stopped.append(service.name)
-    (root / STATE).unlink(missing_ok=True)
-    return stopped
+            outcome[name] = f"stopped (pid {service.pid}, SIGKILL after {grace_s:.0f} s)"
+        else:
+            outcome[name] = f"stopped (pid {service.pid})"
+    if keep:
+        _write_state(root, keep)
+    else:
+        (root / STATE).unlink(missing_ok=True)
+    return outcome
 
 
 def _reap(pid: int) -> None:
@@ -197,5 +372,13 @@ def _reap(pid: int) -> None:
 
 
 def status(root: Path) -> dict[str, dict]:
-    return {name: {**asdict(s), "alive": _alive(s.pid), "healthy": _healthy(s.health)}
-            for name, s in read_state(root.resolve()).items()}
+    """Per recorded server: URL, PID, log, --auth, whether the PID is still that server (and why not),
+    and whether it answers its health check."""
+    report = {}
+    for name, s in read_state(root.resolve()).items():
+        kind, why = identify(s)
+        report[name] = {"url": s.url, "pid": s.pid, "log": s.log, "auth": s.auth, "is_server": kind == "server",
+                        "healthy": kind == "server" and _healthy(s.health)}
+        if why:
+            report[name]["problem"] = why
+    return report

@@ -2,28 +2,60 @@
 
 A flow loads and validates params.yaml, opens the stage's MLflow run (params, git commit, inputs
 with their DVC digests), runs the stage in a Prefect task, logs its metrics to MLflow, and the
-dvc.yaml plots its outputs feed as PNG artifacts, and leaves a Prefect table artifact with the metrics. Logic lives in `stages/` and `rlvr/`; this module is wiring.
+dvc.yaml plots its outputs feed as PNG artifacts, and leaves a Prefect table artifact with the metrics.
+Logic lives in `stages/` and `rlvr/`; this module is wiring.
 Retries are deliberately absent here: a stage failure is a bug or bad input, not a flaky call.
+
+A stage process leaves nothing behind when it is stopped:
+- without PREFECT_API_URL, Prefect's temporary server is started first and dies with the process,
+  even on SIGKILL (flows/temporary_server.py);
+- Ctrl-C and SIGTERM end the flow run Crashed (Prefect turns SIGTERM into an exception) and the MLflow
+  run KILLED (rlvr/tracking.py);
+- a SIGKILL ends nothing, so the next run of the same stage marks the runs it left RUNNING as KILLED
+  (MLflow) and Crashed (Prefect): each MLflow run carries its process and its flow run id.
 
 Run one stage by hand:  python -m flows prepare   (dvc repro runs the same command)
 """
-
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 
 from rlvr import config, plots, tracking
 from stages import evaluate, prepare, rollout, score, train, warmup
 from stages import filter as filter_stage
 
 
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
 def _artifact_key(stage: str) -> str:
     return f"{stage}-metrics"
+
+
+def crash_flow_run(flow_run_id: str | None, reason: str) -> None:
+    """Mark a flow run that a killed stage left Running as Crashed (its own process cannot any more).
+    A run unknown to this Prefect server (recorded by another one) is left alone."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    if not flow_run_id:
+        return
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:
+            return
+        if state is not None and not state.is_final():
+            client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
 
 
 def log_plots(stage: str) -> None:
@@ -38,7 +70,9 @@ def log_plots(stage: str) -> None:
 
 def run_stage(stage: str, main: Callable[[config.Params], dict], params_file: str) -> dict:
     params = task(config.load, name="load-params")(params_file)
-    with tracking.stage_run(stage, params) as run:
+    for orphan, reason in tracking.close_orphaned_runs(stage, params):
+        crash_flow_run(orphan.data.tags.get(FLOW_RUN_TAG), reason)
+    with tracking.stage_run(stage, params, tags={FLOW_RUN_TAG: str(flow_run.id)}) as run:
         metrics = task(main, name=stage)(params)
         tracking.log_metrics(metrics)
         log_plots(stage)
@@ -58,7 +92,17 @@ def stage_flow(stage: str, main: Callable[[config.Params], dict]):
     return run
 
 
+def run_in_process(prefect_flow: Callable[..., dict], params_file: str = "params.yaml") -> dict:
+    """What `python -m flows STAGE` calls: the temporary Prefect server first, from the main thread so
+    that it is tied to this process (only without PREFECT_API_URL), then the stage's flow."""
+    if not PREFECT_API_URL.value():
+        from flows import temporary_server  # imports Prefect's server app: only when one is needed
+
+        temporary_server.start()
+    return prefect_flow(params_file=params_file)
+
+
 # In DAG order; the names are the DVC stage names, the Prefect flow names and the MLflow run names.
-FLOWS = {name: stage_flow(name, module.main) for name, module in (
+FLOWS = {name: partial(run_in_process, stage_flow(name, module.main)) for name, module in (
     ("prepare", prepare), ("warmup", warmup), ("score", score), ("rollout", rollout),
     ("filter", filter_stage), ("train", train), ("evaluate", evaluate))}

@@ -1,13 +1,26 @@
 """params.yaml -> frozen, validated dataclasses: the single source of truth for every stage.
 
-Loading is strict: an unknown key, a value of the wrong type or an impossible combination raises
-`ConfigError` with the dotted key, the value found and what to do instead. Cross-field rules live in
-each section's `__post_init__`. Stages receive the whole `Params` object and read their section.
+Loading is strict: an unknown key, a missing key, a value of the wrong type, a number out of its
+range, a choice outside its allowed values or an impossible combination raises `ConfigError` with
+the dotted key, the value found and what is allowed. Ranges and choices are checked in each
+section's `__post_init__`; rules that span sections in `Params.__post_init__`. Every allowed-values
+set is a module-level constant here (or the dispatch table it comes from), used by the validation
+and by the code that acts on the value. docs/configuration.md lists the rules.
+
+Keys that params.yaml always sets have no dataclass default (a default would be a second source
+of truth); defaults remain only for genuinely optional keys (source fields, `prompt`, null-means-
+derived values, `trust_remote_code`, `tracking.uri`), and tests/test_config.py checks that each
+one equals params.yaml wherever both exist.
+
+`check_paths` checks the inputs params name (source files, local model folders) so that
+`rlvr run` / `python -m flows check` fail before DVC starts a stage. What is not covered: hub
+names (whether a hub model or data set exists needs the network) and the content of the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -16,46 +29,122 @@ from pathlib import Path
 
 import yaml
 
+from rlvr.errors import RlvrError
+
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+# A hub id is "name" or "org/name" of letters, digits, "-", "_" and "."; anything else is a path.
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+# Allowed values of every choice in params.yaml.
+TRAIN_ORDERS = ("gain_rl", "length", "random", "uniform")
+TRAIN_PROMPTS = ("all", "band")
+TRAIN_REWARDS = ("accuracy", "blend")
+EVAL_BACKENDS = ("auto", "transformers", "vllm")
+# Where a source's gold answer comes from: its answer field as it is, or the last \boxed{} in it
+# (for sources that ship only a worked solution). rlvr/data.py reads this tuple.
+ANSWER_FROM = ("field", "last_boxed")
+# TRL 1.16 GRPOConfig.loss_type; every one works with our trainer (none needs another config field).
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+# transformers' SchedulerType values that run with the arguments we pass (no lr_scheduler_kwargs,
+# no evaluation during training). Left out on purpose: cosine_with_min_lr and
+# cosine_warmup_with_min_lr (need min_lr), warmup_stable_decay (needs num_decay_steps),
+# reduce_lr_on_plateau and greedy (step on an evaluation metric we never compute).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt")
+# The built-in PRM (exact step checker); any other prm.name is a model folder or hub name.
+ARITH_PRM = "arith"
+BUILTIN_MODEL = "builtin"
+# numpy's generators take seeds in [0, 2**32); torch and Python accept those too.
+MAX_SEED = 2**32 - 1
 
 
-class ConfigError(ValueError):
+class ConfigError(RlvrError, ValueError):
     pass
 
 
 def _require(condition: bool, key: str, value: object, fix: str) -> None:
     if not condition:
-        raise ConfigError(f"params: {key} = {value!r}: {fix}")
+        raise ConfigError(f"{key} = {value!r}: {fix}")
+
+
+def _at_least(key: str, value: int | float, low: int | float) -> None:
+    _require(value >= low, key, value, f"use a value >= {low}")
+
+
+def _positive(key: str, value: int | float) -> None:
+    _require(value > 0, key, value, "use a value > 0")
+
+
+def _fraction(key: str, value: float) -> None:
+    _require(0.0 <= value <= 1.0, key, value, "use a value in [0, 1]")
+
+
+def _top_p(key: str, value: float) -> None:
+    _require(0.0 < value <= 1.0, key, value, "use a value in (0, 1]")
+
+
+def _one_of(key: str, value: str, allowed: typing.Iterable[str]) -> None:
+    allowed = list(allowed)
+    _require(value in allowed, key, value, f"use one of {allowed}")
+
+
+def _optional(check, key: str, value, *args) -> None:
+    """Apply `check` unless the value is null (null keeps its documented meaning)."""
+    if value is not None:
+        check(key, value, *args)
+
+
+def looks_like_local_path(name: str, root: Path | str = ".") -> bool:
+    """Whether a model name means a folder on this machine rather than a hub id ("name", "org/name").
+
+    A path is anything that is not a valid hub id (starts with ".", "/" or "~", has two slashes, a
+    space, ...), anything that exists under `root`, and "dir/name" when `dir` is a folder under
+    `root` (`models/foo` while models/ exists): those are reported as missing local folders
+    instead of being looked up on the hub.
+    """
+    if not _HUB_ID_RE.match(name):
+        return True
+    base = Path(root)
+    return (base / name).exists() or ("/" in name and (base / name.split("/")[0]).is_dir())
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    hidden_size: int = 128
-    num_layers: int = 3
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 512
-    max_positions: int = 2048
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_positions: int
 
     def __post_init__(self) -> None:
+        _at_least("model.builtin.hidden_size", self.hidden_size, 1)
+        _at_least("model.builtin.num_layers", self.num_layers, 1)
+        _at_least("model.builtin.num_heads", self.num_heads, 1)
+        _at_least("model.builtin.num_kv_heads", self.num_kv_heads, 1)
+        _at_least("model.builtin.intermediate_size", self.intermediate_size, 1)
+        _at_least("model.builtin.max_positions", self.max_positions, 1)
         _require(self.hidden_size % self.num_heads == 0, "model.builtin.hidden_size", self.hidden_size,
                  f"must be divisible by num_heads ({self.num_heads})")
         _require(self.num_heads % self.num_kv_heads == 0, "model.builtin.num_kv_heads", self.num_kv_heads,
                  f"must divide num_heads ({self.num_heads})")
-        _require(self.num_layers >= 1, "model.builtin.num_layers", self.num_layers, "use at least 1 layer")
 
 
 @dataclass(frozen=True)
 class Model:
     # "builtin" builds the tiny Qwen2 + character tokenizer in warmup; anything else is a local
     # model folder or a hub name (which needs network access or a populated cache).
-    name: str = "builtin"
+    name: str
+    builtin: BuiltinModel
     trust_remote_code: bool = False
-    builtin: BuiltinModel = field(default_factory=BuiltinModel)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "model.name", self.name,
+                 f"use {BUILTIN_MODEL}, a model folder or a hub name (org/name)")
 
     @property
     def is_builtin(self) -> bool:
-        return self.name == "builtin"
+        return self.name == BUILTIN_MODEL
 
 
 @dataclass(frozen=True)
@@ -68,7 +157,8 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Source:
-    """One data source: exactly one of `builtin`, `path` or `hub`."""
+    """One data source: exactly one of `builtin`, `path` or `hub`. Checked by `Prepare`, which knows
+    the source's dotted key (`prepare.eval[1]`)."""
 
     name: str
     builtin: bool = False
@@ -81,10 +171,14 @@ class Source:
     problem_field: str | None = None
     answer_field: str | None = None
     solution_field: str | None = None
+    answer_from: str = "field"
     limit: int | None = None
 
-    def __post_init__(self) -> None:
-        key = f"source {self.name!r}"
+    def validate(self, key: str) -> None:
+        # The preset dispatch table in rlvr/data.py is the one list of presets. Imported here rather
+        # than at the top so that rlvr/data.py may import this module.
+        from rlvr.data import PRESETS
+
         _require(bool(_NAME_RE.match(self.name)), f"{key}.name", self.name,
                  "use lowercase letters, digits and underscores (it becomes a file name)")
         kinds = [k for k, v in (("builtin", self.builtin), ("path", self.path), ("hub", self.hub)) if v]
@@ -94,7 +188,12 @@ class Source:
                      "a builtin source needs size: N > 0")
         else:
             _require(self.size is None, f"{key}.size", self.size, "size applies to builtin sources only; use limit")
-        _require(self.limit is None or self.limit > 0, f"{key}.limit", self.limit, "use a positive limit or null")
+        _optional(_at_least, f"{key}.limit", self.limit, 1)
+        _one_of(f"{key}.preset", self.preset, sorted(PRESETS))
+        _one_of(f"{key}.answer_from", self.answer_from, ANSWER_FROM)
+        _require(not (self.builtin and self.answer_from != "field"), f"{key}.answer_from", self.answer_from,
+                 "a builtin source has no answer field to read; remove answer_from")
+        _require(bool(self.split.strip()), f"{key}.split", self.split, "name a split, e.g. train or test")
         if self.preset == "generic" and not self.builtin:
             _require(bool(self.problem_field and self.answer_field), f"{key}.preset", self.preset,
                      "the generic preset needs problem_field and answer_field")
@@ -102,10 +201,10 @@ class Source:
 
 @dataclass(frozen=True)
 class Arith:
-    min_ops: int = 1
-    max_ops: int = 3
-    min_digits: int = 1
-    max_digits: int = 2
+    min_ops: int
+    max_ops: int
+    min_digits: int
+    max_digits: int
 
     def __post_init__(self) -> None:
         _require(1 <= self.min_ops <= self.max_ops, "prepare.arith.min_ops", (self.min_ops, self.max_ops),
@@ -116,29 +215,29 @@ class Arith:
 
 @dataclass(frozen=True)
 class Decontamination:
-    ngram: int = 13
+    ngram: int
     # The stage fails when more than this fraction of the train set overlaps an eval set: that
     # much overlap means the wrong files were configured, not a few stray near-duplicates.
-    max_contaminated_frac: float = 0.05
+    max_contaminated_frac: float
 
     def __post_init__(self) -> None:
-        _require(self.ngram >= 1, "prepare.decontamination.ngram", self.ngram, "use n >= 1")
-        _require(0.0 <= self.max_contaminated_frac <= 1.0, "prepare.decontamination.max_contaminated_frac",
-                 self.max_contaminated_frac, "use a fraction in [0, 1]")
+        _at_least("prepare.decontamination.ngram", self.ngram, 1)
+        _fraction("prepare.decontamination.max_contaminated_frac", self.max_contaminated_frac)
 
 
 @dataclass(frozen=True)
 class Prepare:
     train: tuple[Source, ...]
     eval: tuple[Source, ...]
-    arith: Arith = field(default_factory=Arith)
-    decontamination: Decontamination = field(default_factory=Decontamination)
-    grade_timeout_s: float = 10.0
+    arith: Arith
+    decontamination: Decontamination
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "prepare.train", self.train, "list at least one training source")
         _require(len(self.eval) > 0, "prepare.eval", self.eval, "list at least one evaluation source")
         for key, sources in (("prepare.train", self.train), ("prepare.eval", self.eval)):
+            for i, source in enumerate(sources):
+                source.validate(f"{key}[{i}]")
             names = [s.name for s in sources]
             _require(len(set(names)) == len(names), key, names, "source names must be unique")
             builtin = [s.name for s in sources if s.builtin]
@@ -146,23 +245,41 @@ class Prepare:
 
 
 @dataclass(frozen=True)
+class Grading:
+    """The one grader of every stage that grades (prepare, rollout, train, evaluate)."""
+
+    # Per-item limit: a pathological answer costs this much and grades 0.0 (or None for gold).
+    timeout_s: float
+    # Grading processes; each holds a math-verify worker.
+    workers: int
+
+    def __post_init__(self) -> None:
+        _positive("grading.timeout_s", self.timeout_s)
+        _at_least("grading.workers", self.workers, 1)
+
+
+@dataclass(frozen=True)
 class Warmup:
     # Off: the base model passes through unchanged (the usual choice for a real checkpoint).
-    enabled: bool = True
-    max_steps: int = 600
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_length: int = 128
-    logging_steps: int = 50
+    enabled: bool
+    max_steps: int
+    batch_size: int
+    learning_rate: float
+    lr_scheduler: str
+    warmup_ratio: float
+    weight_decay: float
+    max_length: int
+    logging_steps: int
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "warmup.max_steps", self.max_steps, "use at least 1 step or enabled: false")
-        _require(self.batch_size >= 1, "warmup.batch_size", self.batch_size, "use a positive batch size")
-        _require(self.learning_rate > 0, "warmup.learning_rate", self.learning_rate, "use a positive rate")
+        _at_least("warmup.batch_size", self.batch_size, 1)
+        _positive("warmup.learning_rate", self.learning_rate)
+        _one_of("warmup.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _require(0 <= self.warmup_ratio < 1, "warmup.warmup_ratio", self.warmup_ratio, "use a value in [0, 1)")
+        _at_least("warmup.weight_decay", self.weight_decay, 0)
+        _at_least("warmup.max_length", self.max_length, 1)
+        _at_least("warmup.logging_steps", self.logging_steps, 1)
 
 
 @dataclass(frozen=True)
@@ -170,19 +287,27 @@ class OneShot:
     question: str
     answer: str
 
+    def __post_init__(self) -> None:
+        _require(bool(self.question.strip()), "score.one_shot.question", self.question, "use a non-empty question")
+        _require(bool(self.answer.strip()), "score.one_shot.answer", self.answer, "use a non-empty answer")
+
 
 @dataclass(frozen=True)
 class Score:
     """GAIN-RL offline ranking: chat rendering for the angle pass, and the score weights."""
 
-    system: str | None = None
-    one_shot: OneShot | None = None
-    batch_size: int = 64
-    w_intra: float = 1.0
-    w_inter: float = 1.0
+    system: str | None
+    one_shot: OneShot | None
+    batch_size: int
+    w_intra: float
+    w_inter: float
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "score.batch_size", self.batch_size, "use a positive batch size")
+        _at_least("score.batch_size", self.batch_size, 1)
+        _at_least("score.w_intra", self.w_intra, 0)
+        _at_least("score.w_inter", self.w_inter, 0)
+        _require(self.w_intra + self.w_inter > 0, "score.w_intra + score.w_inter", self.w_intra + self.w_inter,
+                 "at least one weight must be > 0, or the score ranks nothing (paper: 1 and 1)")
 
 
 @dataclass(frozen=True)
@@ -190,16 +315,20 @@ class GainRL:
     """Online GAIN-RL. null for sigma, n, delta_max: the reference values (1000, 500, 1000, tuned for
     about 5,000 prompts) scaled by N / 5000 for a set of N prompts."""
 
+    alpha: float
+    beta: float
+    delta_min: float
+    mu0: float
     sigma: float | None = None
     n: float | None = None
-    alpha: float = 2.0
-    beta: float = 0.5
-    delta_min: float = 0.0
     delta_max: float | None = None
-    mu0: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.sigma is None or self.sigma > 0, "train.gain_rl.sigma", self.sigma, "use sigma > 0 or null")
+        _optional(_positive, "train.gain_rl.sigma", self.sigma)
+        _optional(_positive, "train.gain_rl.n", self.n)
+        _positive("train.gain_rl.alpha", self.alpha)
+        _fraction("train.gain_rl.beta", self.beta)
+        _at_least("train.gain_rl.mu0", self.mu0, 0)
         _require(self.delta_max is None or self.delta_max >= self.delta_min, "train.gain_rl.delta_max",
                  self.delta_max, f"must be >= delta_min ({self.delta_min})")
 
@@ -208,25 +337,25 @@ class GainRL:
 class Rollout:
     """Rollouts of the current policy over the training prompts (for difficulty and PROF)."""
 
-    n_samples: int = 8
+    n_samples: int
     # How many training prompts to roll out (the first ones in file order); null = all of them.
-    max_prompts: int | None = 2000
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    batch_size: int = 256
+    max_prompts: int | None
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
     # Prompts per cached chunk: a killed run redoes at most one chunk.
-    chunk_size: int = 250
+    chunk_size: int
 
     def __post_init__(self) -> None:
-        _require(self.n_samples >= 1, "rollout.n_samples", self.n_samples, "use at least 1 sample")
+        _at_least("rollout.n_samples", self.n_samples, 1)
         _require(self.max_prompts is None or self.max_prompts >= 1, "rollout.max_prompts", self.max_prompts,
                  "use a positive number or null for every training prompt")
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "sampling needs temperature > 0")
-        _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "use a value in (0, 1]")
-        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "use at least 1")
-        _require(self.batch_size >= 1, "rollout.batch_size", self.batch_size, "use a positive batch size")
-        _require(self.chunk_size >= 1, "rollout.chunk_size", self.chunk_size, "use a positive chunk size")
+        _top_p("rollout.top_p", self.top_p)
+        _at_least("rollout.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("rollout.batch_size", self.batch_size, 1)
+        _at_least("rollout.chunk_size", self.chunk_size, 1)
 
 
 @dataclass(frozen=True)
@@ -235,16 +364,17 @@ class PRM:
 
     # arith: the built-in task's exact step checker; otherwise a local folder or hub name of a
     # model in the Qwen2.5-Math-PRM format.
-    name: str = "arith"
+    name: str
+    separator: str
+    system: str | None
+    batch_size: int
+    max_length: int
     trust_remote_code: bool = False
-    separator: str = "<extra_0>"
-    system: str | None = "Please reason step by step, and put your final answer within \\boxed{}."
-    batch_size: int = 8
-    max_length: int = 4096
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "prm.name", self.name, "use arith or a model folder / hub name")
-        _require(self.batch_size >= 1, "prm.batch_size", self.batch_size, "use a positive batch size")
+        _require(bool(self.name.strip()), "prm.name", self.name, f"use {ARITH_PRM} or a model folder / hub name")
+        _require(bool(self.separator), "prm.separator", self.separator, "use the PRM's step separator token")
+        _at_least("prm.batch_size", self.batch_size, 1)
         _require(self.max_length >= 16, "prm.max_length", self.max_length, "use at least 16 tokens")
 
 
@@ -252,9 +382,9 @@ class PRM:
 class Prof:
     """The PROF consistency rule (rlvr/prof.py): remove k of every group of n rollouts."""
 
+    min_steps: int
+    max_steps: int
     remove: int | None = None  # k; null = n // 2
-    min_steps: int = 2
-    max_steps: int = 30
 
     def __post_init__(self) -> None:
         _require(self.remove is None or self.remove >= 0, "prof.remove", self.remove, "use k >= 0 or null (n // 2)")
@@ -266,89 +396,98 @@ class Prof:
 class Filter:
     """Which training prompts `train` uses: those whose rollout pass rate lies in the band."""
 
-    pass_rate_min: float = 0.0
-    pass_rate_max: float = 1.0
+    pass_rate_min: float
+    pass_rate_max: float
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.pass_rate_min <= self.pass_rate_max <= 1.0, "filter.pass_rate_min",
-                 (self.pass_rate_min, self.pass_rate_max), "need 0 <= pass_rate_min <= pass_rate_max <= 1")
-
-
-TRAIN_ORDERS = ("gain_rl", "length", "random", "uniform")
+        _fraction("filter.pass_rate_min", self.pass_rate_min)
+        _fraction("filter.pass_rate_max", self.pass_rate_max)
+        _require(self.pass_rate_min <= self.pass_rate_max, "filter.pass_rate_min",
+                 (self.pass_rate_min, self.pass_rate_max), "need pass_rate_min <= pass_rate_max")
 
 
 @dataclass(frozen=True)
 class Train:
     # gain_rl: GAIN-RL dynamic sampling over the `score` ranking; length: shortest question first;
     # random: a seeded fixed permutation; uniform: TRL's default reshuffling.
-    order: str = "uniform"
-    max_steps: int = 150
-    prompts_per_step: int = 32
-    num_generations: int = 8
-    learning_rate: float = 5e-5
-    lr_scheduler: str = "constant"
-    beta: float = 0.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_completion_length: int = 48
-    loss_type: str = "dapo"
-    save_steps: int = 50
-    logging_steps: int = 5
-    use_vllm: bool = False
-    gain_rl: GainRL = field(default_factory=GainRL)
+    order: str
+    max_steps: int
+    prompts_per_step: int
+    num_generations: int
+    learning_rate: float
+    lr_scheduler: str
+    beta: float
+    temperature: float
+    top_p: float
+    max_completion_length: int
+    loss_type: str
+    save_steps: int
+    logging_steps: int
+    use_vllm: bool
+    gain_rl: GainRL
     # all: every training prompt; band: those the `filter` stage kept (pass rate in its band).
-    prompts: str = "all"
+    prompts: str
     # PROF inside the GRPO loop: filter each group before advantages (rule and PRM: prof, prm).
-    prof: bool = False
+    prof: bool
     # accuracy: the grader's 1/0; blend: accuracy + blend_weight x process value (PROF's baseline).
-    reward: str = "accuracy"
-    blend_weight: float = 0.8
+    reward: str
+    blend_weight: float
 
     def __post_init__(self) -> None:
-        _require(self.order in TRAIN_ORDERS, "train.order", self.order, f"use one of {list(TRAIN_ORDERS)}")
+        _one_of("train.order", self.order, TRAIN_ORDERS)
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "use 0 (no training) or more steps")
+        _at_least("train.prompts_per_step", self.prompts_per_step, 1)
         _require(self.num_generations >= 2, "train.num_generations", self.num_generations,
                  "GRPO needs at least 2 generations per prompt to compute group advantages")
-        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "use 0 (no training) or more steps")
-        _require(self.prompts_per_step >= 1, "train.prompts_per_step", self.prompts_per_step, "use at least 1")
-        _require(self.learning_rate >= 0, "train.learning_rate", self.learning_rate, "use a rate >= 0")
+        _positive("train.learning_rate", self.learning_rate)
+        _one_of("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _at_least("train.beta", self.beta, 0)
         _require(self.temperature > 0, "train.temperature", self.temperature, "sampling needs temperature > 0")
-        _require(self.save_steps >= 1, "train.save_steps", self.save_steps, "use a positive interval")
-        _require(self.prompts in ("all", "band"), "train.prompts", self.prompts, "use all or band")
-        _require(self.reward in ("accuracy", "blend"), "train.reward", self.reward, "use accuracy or blend")
-        _require(self.blend_weight >= 0, "train.blend_weight", self.blend_weight, "use a weight >= 0")
+        _top_p("train.top_p", self.top_p)
+        _at_least("train.max_completion_length", self.max_completion_length, 1)
+        _one_of("train.loss_type", self.loss_type, LOSS_TYPES)
+        _at_least("train.save_steps", self.save_steps, 1)
+        _at_least("train.logging_steps", self.logging_steps, 1)
+        _one_of("train.prompts", self.prompts, TRAIN_PROMPTS)
+        _one_of("train.reward", self.reward, TRAIN_REWARDS)
+        _at_least("train.blend_weight", self.blend_weight, 0)
 
 
 @dataclass(frozen=True)
 class Evaluate:
-    benchmarks: tuple[str, ...] = ("arith",)
-    n_samples: int = 8
-    ks: tuple[int, ...] = (1, 2, 4, 8)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 256
+    benchmarks: tuple[str, ...]
+    n_samples: int
+    ks: tuple[int, ...]
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
     # Per benchmark other than the built-in one: a fixed subset of this many problems (chosen by a
     # hash of the problem id, so it does not move when files are reordered); null = the full set.
-    subset_size: int | None = 32
-    greedy: bool = True
+    subset_size: int | None
+    greedy: bool
     # Also evaluate the warm-up model with the same settings and report the paired difference.
-    baseline: bool = True
-    n_bootstrap: int = 1000
-    backend: str = "auto"
-    grade_timeout_s: float = 10.0
+    baseline: bool
+    n_bootstrap: int
+    backend: str
 
     def __post_init__(self) -> None:
-        _require(self.n_samples >= 1, "evaluate.n_samples", self.n_samples, "use at least 1 sample")
+        _require(len(self.benchmarks) > 0, "evaluate.benchmarks", list(self.benchmarks),
+                 "list at least one prepare.eval source")
+        _require(len(set(self.benchmarks)) == len(self.benchmarks), "evaluate.benchmarks", list(self.benchmarks),
+                 "list each benchmark once")
+        _at_least("evaluate.n_samples", self.n_samples, 1)
         _require(len(self.ks) > 0 and all(1 <= k <= self.n_samples for k in self.ks), "evaluate.ks",
-                 self.ks, f"every k must be in [1, n_samples={self.n_samples}]")
+                 list(self.ks), f"every k must be in [1, n_samples={self.n_samples}]")
+        _require(len(set(self.ks)) == len(self.ks), "evaluate.ks", list(self.ks), "list each k once")
         _require(self.temperature > 0, "evaluate.temperature", self.temperature,
                  "sampling needs temperature > 0 (greedy accuracy is reported by greedy: true)")
-        _require(0 < self.top_p <= 1, "evaluate.top_p", self.top_p, "use a value in (0, 1]")
-        _require(self.max_new_tokens >= 1, "evaluate.max_new_tokens", self.max_new_tokens, "use at least 1")
+        _top_p("evaluate.top_p", self.top_p)
+        _at_least("evaluate.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("evaluate.batch_size", self.batch_size, 1)
         _require(self.subset_size is None or self.subset_size >= 1, "evaluate.subset_size", self.subset_size,
                  "use a positive size or null for the full sets")
-        _require(self.backend in ("auto", "transformers", "vllm"), "evaluate.backend", self.backend,
-                 "use auto, transformers or vllm")
+        _one_of("evaluate.backend", self.backend, EVAL_BACKENDS)
         _require(self.n_bootstrap >= 100, "evaluate.n_bootstrap", self.n_bootstrap, "use at least 100 resamples")
 
 
@@ -356,26 +495,30 @@ class Evaluate:
 class Retrain:
     """Scheduled retraining (flows/retrain.py): what is compared, and when it runs."""
 
-    registered_model: str = "rlvr-policy"
-    benchmark: str = "arith"
-    metric: str = "pass_at_1"       # a key of metrics/eval.json[benchmark]
-    min_improvement: float = 0.01   # the champion alias moves only for at least this gain
-    cron: str = "0 3 * * *"         # five-field cron, server time zone
-    deployment: str = "nightly"
+    registered_model: str
+    benchmark: str
+    metric: str             # a key of metrics/eval.json[benchmark]
+    min_improvement: float  # the champion alias moves only for at least this gain
+    cron: str               # five-field cron, server time zone
+    deployment: str
 
     def __post_init__(self) -> None:
         _require(bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.registered_model)), "retrain.registered_model",
                  self.registered_model, "use letters, digits, '.', '_' or '-'")
         _require(len(self.cron.split()) == 5, "retrain.cron", self.cron,
                  "use five cron fields: minute hour day-of-month month day-of-week")
-        _require(self.min_improvement >= 0, "retrain.min_improvement", self.min_improvement, "use a value >= 0")
+        _at_least("retrain.min_improvement", self.min_improvement, 0)
+        _require(bool(self.deployment.strip()), "retrain.deployment", self.deployment, "name the Prefect deployment")
 
 
 @dataclass(frozen=True)
 class Tracking:
-    experiment: str = "rlvr-pipeline"
+    experiment: str
     # null: SQLite under the project root (mlruns/mlflow.db); MLFLOW_TRACKING_URI overrides both.
     uri: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "name the MLflow experiment")
 
 
 @dataclass(frozen=True)
@@ -384,30 +527,47 @@ class Params:
     model: Model
     prompt: Prompt
     prepare: Prepare
+    grading: Grading
     warmup: Warmup
     score: Score
+    rollout: Rollout
+    prm: PRM
+    prof: Prof
+    filter: Filter
     train: Train
     evaluate: Evaluate
-    rollout: Rollout = field(default_factory=Rollout)
-    prm: PRM = field(default_factory=PRM)
-    prof: Prof = field(default_factory=Prof)
-    filter: Filter = field(default_factory=Filter)
-    tracking: Tracking = field(default_factory=Tracking)
-    retrain: Retrain = field(default_factory=Retrain)
+    tracking: Tracking
+    retrain: Retrain
 
     def __post_init__(self) -> None:
+        _require(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"use an integer in [0, {MAX_SEED}]")
         eval_names = {s.name for s in self.prepare.eval}
         unknown = [b for b in self.evaluate.benchmarks if b not in eval_names]
         _require(not unknown, "evaluate.benchmarks", list(self.evaluate.benchmarks),
                  f"{unknown} not among prepare.eval sources {sorted(eval_names)}")
         _require(self.retrain.benchmark in self.evaluate.benchmarks, "retrain.benchmark", self.retrain.benchmark,
                  f"must be one of evaluate.benchmarks {list(self.evaluate.benchmarks)}")
-        known = [f"pass_at_{k}" for k in self.evaluate.ks] + ["greedy_accuracy", "delta_pass_at_1"]
-        _require(self.retrain.metric in known, "retrain.metric", self.retrain.metric, f"use one of {known}")
-        _require(self.prof.remove is None or self.prof.remove <= self.train.num_generations, "prof.remove",
-                 self.prof.remove, f"cannot remove more than train.num_generations ({self.train.num_generations})")
+        known = [f"pass_at_{k}" for k in self.evaluate.ks]
+        known += ["greedy_accuracy"] if self.evaluate.greedy else []
+        known += ["delta_pass_at_1"] if self.evaluate.baseline else []
+        _require(self.retrain.metric in known, "retrain.metric", self.retrain.metric,
+                 f"use one of {known} (greedy_accuracy needs evaluate.greedy, delta_pass_at_1 evaluate.baseline)")
+        # PROF must keep at least one rollout of every group it filters.
+        for key, n in (("rollout.n_samples", self.rollout.n_samples),
+                       ("train.num_generations", self.train.num_generations)):
+            _require(self.prof.remove is None or self.prof.remove < n, "prof.remove", self.prof.remove,
+                     f"must be below {key} ({n}) so that every group keeps a rollout; or null for n // 2")
         _require(self.warmup.enabled or not self.model.is_builtin, "warmup.enabled", self.warmup.enabled,
                  "the builtin model starts untrained; keep warmup enabled or set model.name to a real model")
+        if self.model.is_builtin:
+            limit = self.model.builtin.max_positions
+            _require(self.warmup.max_length <= limit, "warmup.max_length", self.warmup.max_length,
+                     f"must not exceed model.builtin.max_positions ({limit})")
+            for key, length in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                                ("train.max_completion_length", self.train.max_completion_length),
+                                ("evaluate.max_new_tokens", self.evaluate.max_new_tokens)):
+                _require(length < limit, key, length,
+                         f"must be below model.builtin.max_positions ({limit}), which also holds the prompt")
 
 
 def _convert(tp: object, value: object, key: str) -> object:
@@ -428,6 +588,8 @@ def _convert(tp: object, value: object, key: str) -> object:
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _require(ok, key, value, "expected a number")
+        # No param means anything at nan or inf, and every range check would pass inf.
+        _require(math.isfinite(value), key, value, "expected a finite number")
         return float(value)
     if tp is int:
         _require(isinstance(value, int) and not isinstance(value, bool), key, value, "expected an integer")
@@ -453,7 +615,8 @@ def _build(cls: type, data: object, key: str):
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], f"{key}.{name}".lstrip("."))
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"params: {key + '.' if key else ''}{name} is missing: add it to params.yaml")
+            raise ConfigError(f"{key + '.' if key else ''}{name} is missing: add it (docs/configuration.md lists "
+                              "every key)")
     return cls(**kwargs)
 
 
@@ -468,11 +631,49 @@ def load(path: str | Path = "params.yaml") -> Params:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from error
     try:
         return from_dict(data)
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+        raise ConfigError(f"{path}: {error}") from error
+
+
+def _check_model_folder(key: str, name: str, root: Path) -> None:
+    """A model named by a local path must be a folder with a config.json; hub ids are not checked."""
+    if not looks_like_local_path(name, root):
+        return
+    folder = root / Path(name).expanduser()
+    _require(folder.is_dir(), key, name, f"no such model folder under {root.resolve()}; give an existing "
+             "folder or a hub id (org/name)")
+    _require((folder / "config.json").is_file(), key, name, "not a model folder (no config.json)")
+
+
+def check_paths(params: Params, root: str | Path = ".") -> None:
+    """The inputs params name exist under `root`: source files and local model / PRM folders.
+
+    Raises ConfigError naming the first missing one. Hub data sets and hub models are not checked
+    (that needs the network); whether a file's content is usable is the stage's check.
+    """
+    base = Path(root)
+    for role, sources in (("train", params.prepare.train), ("eval", params.prepare.eval)):
+        for i, source in enumerate(sources):
+            if source.path is not None:
+                _require((base / Path(source.path).expanduser()).exists(), f"prepare.{role}[{i}].path",
+                         source.path, f"no such file under {base.resolve()}")
+    if not params.model.is_builtin:
+        _check_model_folder("model.name", params.model.name, base)
+    if params.prm.name != ARITH_PRM:
+        _check_model_folder("prm.name", params.prm.name, base)
+
+
+def check(path: str | Path = "params.yaml", root: str | Path = ".") -> Params:
+    """The pre-flight check (`rlvr check`, `rlvr run`): load and validate params, then `check_paths`."""
+    params = load(path)
+    try:
+        check_paths(params, root)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+    return params
 
 
 def to_flat_dict(obj: object, prefix: str = "") -> dict[str, object]:

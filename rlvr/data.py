@@ -6,7 +6,8 @@ data sets) is normalised to one pandas frame with the columns in `SCHEMA`:
     id        str, unique and stable: f"{name}-{row}" where row is the 0-based record position
               in the source (the source's own id, if any, is kept in `meta`)
     problem   str, the question as the model sees it
-    answer    str, the normalised gold answer (source quirks removed, see the presets)
+    answer    str, the normalised gold answer (source quirks removed, see the presets), or the
+              content of the last \\boxed{} of a worked solution (`answer_from: last_boxed`)
     source    str, the name the caller gave the source
     meta      str, a JSON object with the source's extra fields (level, subject, url, original id)
               plus "row", the record position in the source
@@ -35,6 +36,10 @@ from typing import Any
 
 import pandas as pd
 
+from rlvr.config import ANSWER_FROM
+from rlvr.errors import RlvrError
+from rlvr.grading import extract_boxed
+
 SCHEMA = ("id", "problem", "answer", "source", "meta", "solution")
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -43,7 +48,7 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 DEEPSCALER_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 
-class DataError(ValueError):
+class DataError(RlvrError, ValueError):
     """A data source or frame does not have the shape the pipeline expects."""
 
 
@@ -203,6 +208,27 @@ def answer_to_str(value: Any) -> str:
     raise DataError(f"answer must be a string or a number, found {type(value).__name__}")
 
 
+def _check_answer_from(answer_from: str) -> None:
+    if answer_from not in ANSWER_FROM:
+        raise DataError(f"unknown answer_from {answer_from!r}; available: {', '.join(ANSWER_FROM)}")
+
+
+def answer_from_value(value: Any, answer_from: str = "field") -> str:
+    """The gold answer string from the answer a preset read: the value as it is ("field", see
+    `answer_to_str`), or the content of its last `\\boxed{}` ("last_boxed", for sources that ship
+    only a worked solution, e.g. answer_field: solution).
+
+    A value with no complete last box gives "", like a null answer: the row is dropped and counted
+    by `drop_unparseable`, not fatal (a worked solution may end without a box).
+    """
+    _check_answer_from(answer_from)
+    if answer_from == "field" or value is None:
+        return answer_to_str(value)
+    if not isinstance(value, str):
+        raise DataError(f"answer_from 'last_boxed' needs a string, found {type(value).__name__} {value!r:.40}")
+    return (extract_boxed(value) or "").strip()
+
+
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
@@ -312,11 +338,13 @@ def normalize_records(
     answer_field: str | None = None,
     solution_field: str | None = None,
     limit: int | None = None,
+    answer_from: str = "field",
 ) -> pd.DataFrame:
     """(location, record) pairs -> a frame in SCHEMA. Locations name records in error messages."""
     if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
         raise DataError(f"source name must be a non-empty string without spaces, found {name!r}")
     _check_limit(limit)
+    _check_answer_from(answer_from)
     convert = _preset_function(preset, problem_field, answer_field, solution_field)
     rows = []
     for row, (where, record) in enumerate(records):
@@ -332,7 +360,8 @@ def normalize_records(
                 raise DataError(f"solution must be a string, found {type(solution).__name__}")
             meta = {**meta, "row": row}
             meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, allow_nan=False)
-            rows.append((f"{name}-{row}", problem.strip(), answer_to_str(answer), name, meta_json, solution))
+            gold = answer_from_value(answer, answer_from)
+            rows.append((f"{name}-{row}", problem.strip(), gold, name, meta_json, solution))
         except (DataError, TypeError, ValueError) as exc:
             raise DataError(f"{where} (preset {preset!r}): {exc}") from exc
     if not rows:
@@ -348,12 +377,18 @@ def load_file(
     answer_field: str | None = None,
     solution_field: str | None = None,
     limit: int | None = None,
+    answer_from: str = "field",
 ) -> pd.DataFrame:
-    """Read a local source file and normalise it with `preset` (see PRESETS) into SCHEMA."""
+    """Read a local source file and normalise it with `preset` (see PRESETS) into SCHEMA.
+
+    `answer_from` ("field" or "last_boxed", see `answer_from_value`) says how the gold is taken from
+    the answer the preset reads (with preset generic: `answer_field`).
+    """
     path = Path(path)
     _preset_function(preset, problem_field, answer_field, solution_field)  # fail before reading
+    _check_answer_from(answer_from)
     located = [(f"{path} {where}", record) for where, record in _read_located(path)]
-    return normalize_records(located, name, preset, problem_field, answer_field, solution_field, limit)
+    return normalize_records(located, name, preset, problem_field, answer_field, solution_field, limit, answer_from)
 
 
 def load_hub(
@@ -369,6 +404,7 @@ def load_hub(
     answer_field: str | None = None,
     solution_field: str | None = None,
     limit: int | None = None,
+    answer_from: str = "field",
 ) -> pd.DataFrame:
     """Load a split with `datasets` and normalise it like `load_file`.
 
@@ -380,6 +416,7 @@ def load_hub(
 
     _preset_function(preset, problem_field, answer_field, solution_field)  # fail before loading
     _check_limit(limit)
+    _check_answer_from(answer_from)
     label = f"{dataset}" + (f"/{subset}" if subset else "") + f" split {split!r}"
     local = Path(dataset)
     try:
@@ -404,7 +441,7 @@ def load_hub(
     if len(table) == 0:
         raise DataError(f"{label}: no records")
     located = ((f"{label} record {number}", record) for number, record in enumerate(table, start=1))
-    return normalize_records(located, name, preset, problem_field, answer_field, solution_field, limit)
+    return normalize_records(located, name, preset, problem_field, answer_field, solution_field, limit, answer_from)
 
 
 # --------------------------------------------------------------------------------------------

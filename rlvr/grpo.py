@@ -1,28 +1,40 @@
-"""GRPO with TRL, plus the data orderings this project compares: GAIN-RL, length, random, uniform.
+"""GRPO with TRL: the project's rewards, prompt orders, PROF in the loop, and checkpoints that survive a kill.
 
-`RLVRGRPOTrainer` is TRL's `GRPOTrainer` with two changes, both about *which prompts* a step sees:
+`RLVRGRPOTrainer` is TRL's `GRPOTrainer` with these changes, made through TRL's public surface
+wherever it has one:
 
-- `order: length | random` walks a fixed ordering of the training prompts (a curriculum), K prompts
-  per step, through `OrderedRepeatSampler`, which keeps TRL's grouping contract (each index
-  repeated num_generations times in a row, the chunk repeated for num_iterations x
-  steps_per_generation, the same sequence on every rank).
-- `order: gain_rl` draws the K prompts of every step from the GAIN-RL Gaussian over rank positions
-  *at generation time*, with the mu of that moment. (A torch Sampler would be one batch late:
-  accelerate's data loader fetches the next batch before the current step runs, so an update of mu
-  after step t could only reach step t + 2.) After the rollouts are graded, acc (fraction correct)
-  and ang (mean causal angle concentration of each rollout's own tokens at the input of the last
-  MLP, one extra no-grad forward pass) move mu, and the next step samples with the new mu. mu and
-  the sampler's RNG are saved in every checkpoint and restored on resume.
-- `order: uniform` is TRL's own shuffled `RepeatSampler`.
+- Which prompts a step sees (`order`). `length | random | uniform` are a *prompt plan* fixed up
+  front (`prompt_plan`): the dataset handed to TRL is the training set laid out step by step, and
+  `GRPOConfig.shuffle_dataset = False` makes TRL's own RepeatSampler walk it in order. `uniform`
+  draws the same per-epoch permutations TRL's sampler would draw with the run's seed; writing them
+  down makes the run one pass over the plan, so a resumed run skips exactly the batches it already
+  trained on, across epoch boundaries too. `gain_rl` draws the K prompts of every step from the
+  GAIN-RL Gaussian over rank positions *at generation time*, with the mu of that moment (a torch
+  Sampler would be one batch late: accelerate fetches the next batch before the current step
+  runs). After grading, acc (fraction correct) and ang (mean causal angle concentration of each
+  rollout's own tokens at the input of the last MLP, one extra no-grad forward) move mu.
+- PROF (`prof_filter`): every group of rollouts is filtered after grading and before the loss:
+  advantages are recomputed over the kept rollouts only (TRL's normalisation), dropped rollouts get
+  advantage 0 and an all-zero completion mask (no loss, no gradient), and the loss normaliser
+  `num_items_in_batch` is recounted over what is kept.
+- Rewards are TRL reward functions: `RewardFunction` (the project's one grader: 1.0 / 0.0, None
+  for an unparseable gold) and `ProcessValueReward` (the PRM's process value, for PROF's blend
+  baseline). Both keep their latest local values, which is where PROF and GAIN-RL read the step's
+  rewards and completions (gathered over processes), not from TRL's internal logs.
+- Curation metrics (`prof/*`, `gain_rl/*`) are averaged per logging step and added in `log`.
+- Checkpoints (`CheckpointState`, a callback): after TRL/transformers has written a checkpoint, the
+  GAIN-RL sampler state (mu, RNG) goes in, then a completeness marker, last, listing every file and
+  its size. A folder without a valid marker is a checkpoint a kill interrupted (or a rotation
+  half-deleted): `last_complete_checkpoint` ignores it and `discard_incomplete` removes it.
+  `train(resume_from_checkpoint=...)` restores the GAIN-RL state, then Trainer.train restores the
+  rest (weights, optimizer, scheduler, torch / numpy / python RNGs, trainer state, data position).
 
-With `prof` set (a `ProfInLoop`), every group of rollouts is filtered by PROF after grading and
-before the loss: advantages are recomputed over the kept rollouts only (same normalisation as TRL's
-`scale_rewards`), dropped rollouts get advantage 0 and an all-zero completion mask (no loss, no
-gradient), and the loss normaliser `num_items_in_batch` is recounted over what is kept.
+Private TRL methods this class still overrides, and why, are listed once in `TRL_HOOKS`;
+tests/test_trl_contract.py checks each against the installed TRL and names the hook it lost.
+What resume guarantees, and the kill points tested, are in docs/checkpoints.md.
 
-The reward is the project's one grader (`RewardFunction`), following TRL's reward contract:
-one float per completion, `None` where the gold answer cannot be parsed. `ProcessValueReward`
-adds the PRM's process value, for PROF's blend baseline (accuracy + w x value).
+Not covered: resuming with different params (stages/train.py fingerprints them), and durability
+against power loss (a marker proves a complete write by the process, not an fsync to disk).
 """
 
 from __future__ import annotations
@@ -30,35 +42,80 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import shutil
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Sampler
+from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from rlvr import gain_rl, prof
 from rlvr.grading import Grader
+from rlvr.io import write_json
 
 log = logging.getLogger(__name__)
 
 GAIN_RL_STATE = "gain_rl_state.json"
+COMPLETE = "checkpoint_complete.json"  # written last into every checkpoint folder
 REWARD_NAME = "accuracy"  # TRL names the reward column and its logged metrics after the function
+ORDERS = ("uniform", "length", "random", "gain_rl")
+# What `_generate_and_score_completions` must return for PROF and GAIN-RL to work on it.
+GENERATION_OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
+                          "num_items_in_batch")
+
+
+@dataclass(frozen=True)
+class TrlHook:
+    """A private TRL function this module relies on: where it lives, its parameters, and why."""
+
+    owner: str  # "GRPOTrainer" for a method, else the module that defines the function
+    name: str
+    parameters: tuple[str, ...]  # in order, without `self`
+    why: str
+
+
+# The one list of TRL internals used here (the module docstring and tests/test_trl_contract.py read it).
+# Everything else goes through TRL's public surface: reward functions, callbacks, GRPOConfig fields,
+# Trainer.train and Trainer.log.
+TRL_HOOKS = (
+    TrlHook("GRPOTrainer", "_generate_and_score_completions", ("inputs",),
+            "GAIN-RL replaces the step's prompts before generation and moves mu after grading; PROF rewrites "
+            f"advantages, completion_mask and num_items_in_batch of its output (keys {GENERATION_OUTPUT_KEYS}). "
+            "No public hook sits between grading and the loss."),
+    TrlHook("GRPOTrainer", "_generate_single_turn",
+            ("prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
+            "samples with the module in eval mode: generate on a module in training mode ran several times "
+            "slower on CPU (transformers 5.24)."),
+    TrlHook("trl.trainer.utils", "nanstd", ("tensor", "dim", "keepdim"),
+            "kept_advantages normalises with TRL's own std so PROF's advantages match TRL's."),
+)
 
 
 class RewardFunction:
-    """TRL reward function: 1.0 / 0.0 from the shared grader, None for an unparseable gold answer."""
+    """TRL reward function: 1.0 / 0.0 from the shared grader, None for an unparseable gold answer.
+
+    Keeps the latest call's grades and completion texts (this process's rows) for PROF and GAIN-RL.
+    """
 
     def __init__(self, grader: Grader):
         self.grader = grader
         self.__name__ = REWARD_NAME
+        self.latest: list[float | None] = []
+        self.latest_texts: list[str] = []
 
     def __call__(self, prompts, completions, answer, **kwargs) -> list[float | None]:
-        return self.grader.grade(_texts(completions), list(answer))
+        self.latest_texts = _texts(completions)
+        self.latest = self.grader.grade(self.latest_texts, list(answer))
+        return self.latest
 
 
 def _texts(completions) -> list[str]:
@@ -71,10 +128,12 @@ class ProcessValueReward:
     def __init__(self, prm: prof.ProcessRewardModel, max_steps: int):
         self.prm, self.max_steps = prm, max_steps
         self.__name__ = "process_value"
+        self.latest: list[float | None] = []
 
     def __call__(self, prompts, completions, problem, **kwargs) -> list[float | None]:
         _, _, values = prof.score_responses(self.prm, list(problem), _texts(completions), self.max_steps)
-        return [None if math.isnan(v) else v for v in values]
+        self.latest = [None if math.isnan(v) else v for v in values]
+        return self.latest
 
 
 class ProfInLoop:
@@ -119,31 +178,116 @@ def kept_advantages(rewards: torch.Tensor, kept: torch.Tensor, num_generations: 
     return torch.nan_to_num(advantages.flatten(), nan=0.0)
 
 
-class OrderedRepeatSampler(Sampler[int]):
-    """A fixed ordering of prompt indices, K per step, laid out the way TRL's RepeatSampler does."""
+def prompt_plan(order: str, ordering: Sequence[int], n_rows: int, prompts_per_step: int, steps: int,
+                seed: int) -> list[int]:
+    """The dataset rows of `steps` steps of K = `prompts_per_step` prompts, in the order steps see them.
 
-    def __init__(self, order: Sequence[int], num_generations: int, prompts_per_step: int, repeat_count: int):
-        if not order:
-            raise ValueError("OrderedRepeatSampler needs a non-empty ordering")
-        self.order = list(order)
-        self.num_generations = num_generations
-        self.prompts_per_step = prompts_per_step
-        self.repeat_count = repeat_count
+    Built epoch by epoch the way TRL's RepeatSampler walks a dataset: `uniform` takes a fresh
+    permutation every epoch from a torch Generator seeded with `seed` (the permutations TRL's
+    sampler draws with `shuffle_dataset=True` and that seed), `length` and `random` repeat
+    `ordering`, and each epoch's tail that does not fill a step is dropped. A set smaller than K is
+    cycled to fill one step per epoch. `gain_rl` replaces every step's rows at generation time, so
+    its plan is only a placeholder of the right length (the rows in file order).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if n_rows < 1 or prompts_per_step < 1 or steps < 0:
+        raise ValueError(f"prompt_plan needs rows, K >= 1 and steps >= 0, got {n_rows}, {prompts_per_step}, {steps}")
+    k = prompts_per_step
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    plan: list[int] = []
+    while len(plan) < steps * k:
+        if order == "uniform":
+            epoch = torch.randperm(n_rows, generator=generator).tolist()
+        elif order == "gain_rl":
+            epoch = list(range(n_rows))
+        else:
+            epoch = [int(i) for i in ordering]
+        if len(epoch) < k:
+            plan += [epoch[i % len(epoch)] for i in range(k)]
+        else:
+            plan += epoch[: len(epoch) - len(epoch) % k]
+    return plan[: steps * k]
 
-    def __iter__(self):
-        k = self.prompts_per_step
-        usable = len(self.order) - len(self.order) % k if len(self.order) >= k else 0
-        if usable == 0:  # fewer prompts than one step needs: cycle through them
-            chunk = [self.order[i % len(self.order)] for i in range(k)]
-            yield from gain_rl.expand_for_trl(chunk, self.num_generations, self.repeat_count)
-            return
-        for start in range(0, usable, k):
-            yield from gain_rl.expand_for_trl(self.order[start : start + k], self.num_generations, self.repeat_count)
 
-    def __len__(self) -> int:
-        k = self.prompts_per_step
-        steps = max(len(self.order) // k, 1)
-        return steps * k * self.num_generations * self.repeat_count
+# ---- checkpoints: complete or ignored ---------------------------------------------------------------
+
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    """The global step in a checkpoint folder's name (`checkpoint-12` -> 12)."""
+    match = _CHECKPOINT.match(Path(folder).name)
+    if not match:
+        raise ValueError(f"{folder}: not a checkpoint folder (expected {PREFIX_CHECKPOINT_DIR}-<step>)")
+    return int(match[1])
+
+
+def mark_complete(folder: Path) -> None:
+    """Write the completeness marker: every file of the checkpoint and its size (atomic, written last)."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != COMPLETE}
+    write_json(folder / COMPLETE, {"step": checkpoint_step(folder), "files": files})
+
+
+def is_complete(folder: Path) -> bool:
+    """True when the marker exists and every file it lists is there with its recorded size.
+
+    Sizes catch a file truncated or deleted after the marker was written (a rotation killed halfway
+    through deleting an old checkpoint can leave the marker behind).
+    """
+    try:
+        marker = json.loads((folder / COMPLETE).read_text())
+        files = marker["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return marker.get("step") == checkpoint_step(folder) and bool(files) and all(
+        (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def _checkpoint_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def last_complete_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step under `root`, or None."""
+    complete = [p for p in _checkpoint_folders(root) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def discard_incomplete(root: Path) -> list[str]:
+    """Remove checkpoint folders without a valid marker (a kill interrupted them); return their names."""
+    removed = []
+    for folder in _checkpoint_folders(root):
+        if not is_complete(folder):
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    return removed
+
+
+class CheckpointState(TrainerCallback):
+    """Completes every checkpoint the trainer writes: the GAIN-RL state first, the marker last.
+
+    `on_save` runs right after transformers' `_save_checkpoint` has written weights, optimizer,
+    scheduler, RNG states and trainer state (and rotated old checkpoints); the barrier makes every
+    process's RNG file part of what the marker lists.
+    """
+
+    def __init__(self, gain_rl_schedule: GainRLSchedule | None = None):
+        self.gain_rl_schedule = gain_rl_schedule
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if self.gain_rl_schedule is not None:
+                write_json(folder / GAIN_RL_STATE, self.gain_rl_schedule.sampler.state_dict())
+            mark_complete(folder)
+        PartialState().wait_for_everyone()
 
 
 class GainRLSchedule:
@@ -163,114 +307,92 @@ class GainRLSchedule:
 
 
 class RLVRGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer with a prompt order, GAIN-RL, PROF and kill-safe checkpoints (module docstring)."""
+
     def __init__(self, *args, order: str = "uniform", ordering: Sequence[int] | None = None,
-                 gain_rl_schedule: GainRLSchedule | None = None, prof_filter: ProfInLoop | None = None, **kwargs):
-        if order not in ("uniform", "length", "random", "gain_rl"):
-            raise ValueError(f"order must be uniform, length, random or gain_rl, got {order!r}")
+                 gain_rl_schedule: GainRLSchedule | None = None, prof_filter: ProfInLoop | None = None,
+                 train_dataset=None, reward_funcs=None, **kwargs):
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         if order in ("length", "random") and not ordering:
             raise ValueError(f"order {order!r} needs the ordering of training rows")
         if order == "gain_rl" and gain_rl_schedule is None:
             raise ValueError("order 'gain_rl' needs a GainRLSchedule")
+        if config is None or config.shuffle_dataset:
+            raise ValueError("RLVRGRPOTrainer needs a GRPOConfig with shuffle_dataset=False: TRL's sampler "
+                             "must walk the prompt plan in order (build it with stages.train.grpo_config)")
+        if train_dataset is None:
+            raise ValueError("RLVRGRPOTrainer needs a train_dataset")
+        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        self.accuracy = next((f for f in funcs if isinstance(f, RewardFunction)), None)
+        if (prof_filter is not None or order == "gain_rl") and self.accuracy is None:
+            raise ValueError(f"PROF and GAIN-RL need the {REWARD_NAME!r} reward (a RewardFunction) to tell "
+                             "correct from incorrect rollouts")
+        if prof_filter is not None and not all(isinstance(f, (RewardFunction, ProcessValueReward)) for f in funcs):
+            raise ValueError("PROF recomputes the total reward, so every reward must be a RewardFunction or "
+                             "a ProcessValueReward")
         self.order = order
-        self.ordering = list(ordering or [])
         self.gain_rl_schedule = gain_rl_schedule
         self.prof_filter = prof_filter
-        super().__init__(*args, **kwargs)
-        if prof_filter is not None and REWARD_NAME not in self.reward_func_names:
-            raise ValueError(f"PROF needs the {REWARD_NAME!r} reward to tell correct from incorrect rollouts")
+        self.recorded_rewards = funcs
+        self.prompt_rows = train_dataset  # GAIN-RL draws from the training set itself, not from the plan
+        self.curation_metrics: dict[str, list[float]] = defaultdict(list)
+        steps = -(-config.max_steps * config.gradient_accumulation_steps
+                  // (config.steps_per_generation * config.num_iterations))
+        plan = prompt_plan(order, list(ordering or []), len(train_dataset),
+                           config.generation_batch_size // config.num_generations, steps, config.seed)
+        super().__init__(*args, train_dataset=train_dataset.select(plan), reward_funcs=reward_funcs, **kwargs)
+        self.add_callback(CheckpointState(gain_rl_schedule))
 
-    # ---- which prompts a step sees -------------------------------------------------------------
+    # ---- public Trainer surface: resume and log ----------------------------------------------------
 
-    def _get_train_sampler(self, dataset=None):
-        if self.order in ("length", "random"):
-            return OrderedRepeatSampler(
-                self.ordering,
-                num_generations=self.num_generations,
-                prompts_per_step=self.args.generation_batch_size // self.num_generations,
-                repeat_count=self.num_iterations * self.args.steps_per_generation,
-            )
-        return super()._get_train_sampler(dataset)
+    def train(self, resume_from_checkpoint: str | Path | None = None, **kwargs):
+        """Trainer.train, after restoring the GAIN-RL state saved in the checkpoint it resumes from."""
+        if resume_from_checkpoint is not None and not is_complete(Path(resume_from_checkpoint)):
+            raise ValueError(f"{resume_from_checkpoint}: not a complete checkpoint (no valid {COMPLETE})")
+        if resume_from_checkpoint is not None and self.gain_rl_schedule is not None:
+            state_file = Path(resume_from_checkpoint) / GAIN_RL_STATE
+            if not state_file.is_file():
+                raise FileNotFoundError(f"{state_file}: resuming a GAIN-RL run needs the sampler state")
+            self.gain_rl_schedule.sampler.load_state_dict(json.loads(state_file.read_text()))
+            log.info("GAIN-RL state restored from %s (mu = %.2f)", resume_from_checkpoint,
+                     self.gain_rl_schedule.sampler.mu)
+        checkpoint = None if resume_from_checkpoint is None else str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
-    def _gain_rl_inputs(self, local_inputs: list[dict]) -> list[dict]:
-        """Replace the data loader's rows with the K prompts GAIN-RL draws now, grouped for TRL."""
-        k = self.args.generation_batch_size // self.num_generations
-        indices = gain_rl.expand_for_trl(self.gain_rl_schedule.draw(k), self.num_generations, 1)
-        rank, per_rank = self.accelerator.process_index, len(local_inputs)
-        mine = indices[rank * per_rank : (rank + 1) * per_rank]
-        return [dict(self.train_dataset[i]) for i in mine]
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean of every curation metric since the last log (finite values only)."""
+        for name, values in self.curation_metrics.items():
+            if values:
+                logs[name] = sum(values) / len(values)
+        self.curation_metrics.clear()
+        super().log(logs, start_time)
+
+    def _record(self, name: str, value) -> None:
+        if value is not None and math.isfinite(float(value)):
+            self.curation_metrics[name].append(float(value))
+
+    # ---- private TRL hooks (TRL_HOOKS) -------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
-        gain = self.model.training and self.order == "gain_rl"
-        if gain:
+        training = self.model.training
+        if training and self.order == "gain_rl":
             inputs = self._gain_rl_inputs(inputs)
         output = super()._generate_and_score_completions(inputs)
-        if gain:
-            self._gain_rl_step(output)
-        if self.model.training and self.prof_filter is not None:
-            n_all = len(output["advantages"]) * self.accelerator.num_processes
-            rewards = {name: list(self._logs["rewards"][name])[-n_all:] for name in self.reward_func_names}
-            completions = _texts(list(self._logs["completion"])[-n_all:])
-            problems = gather_object([row["problem"] for row in inputs])
-            self._prof_step(output, problems, completions, rewards)
+        missing = [key for key in GENERATION_OUTPUT_KEYS if key not in output]
+        if missing:
+            raise RuntimeError(f"trl GRPOTrainer._generate_and_score_completions no longer returns {missing}; "
+                               "rlvr.grpo needs them (see TRL_HOOKS and tests/test_trl_contract.py)")
+        if training and (self.order == "gain_rl" or self.prof_filter is not None):
+            rewards = self._gathered_rewards()
+            if self.order == "gain_rl":
+                self._gain_rl_step(output, rewards[:, 0])
+            if self.prof_filter is not None:
+                completions = gather_object(list(self.accuracy.latest_texts))
+                problems = gather_object([row["problem"] for row in inputs])
+                self._prof_step(output, problems, completions, rewards)
         return output
-
-    def _prof_step(self, output: dict, problems: list[str], completions: list[str],
-                   rewards: dict[str, list[float]]) -> None:
-        """PROF on this step's groups (gathered over processes); rewrites this process's part of `output`."""
-        accuracy = torch.tensor(rewards[REWARD_NAME], dtype=torch.float32)
-        correct = (accuracy >= 1.0).tolist()
-        kept, values = self.prof_filter.decide(problems, completions, correct, self.num_generations)
-        per_func = torch.tensor([rewards[name] for name in self.reward_func_names], dtype=torch.float32).T
-        total = (per_func * self.reward_weights.cpu().unsqueeze(0)).nansum(dim=1)
-        total[torch.isnan(per_func).all(dim=1)] = float("nan")
-        kept_all = torch.tensor(kept)
-        advantages = kept_advantages(total, kept_all, self.num_generations, self.scale_rewards)
-        n_local = len(output["advantages"])
-        local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
-        device = output["advantages"].device
-        output["advantages"] = advantages[local].to(device=device, dtype=output["advantages"].dtype)
-        keep_local = kept_all[local].to(device)
-        output["completion_mask"] = output["completion_mask"] * keep_local.unsqueeze(1).to(output["completion_mask"].dtype)
-        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
-        values_t, correct_t = torch.tensor(values), torch.tensor(correct)
-        stats = {
-            "kept_frac": kept_all.float().mean(),
-            "kept_correct": (kept_all & correct_t).float().sum(),
-            "kept_incorrect": (kept_all & ~correct_t).float().sum(),
-            "dropped_correct": (~kept_all & correct_t).float().sum(),
-            "dropped_incorrect": (~kept_all & ~correct_t).float().sum(),
-            "value_kept_correct": torch.nanmean(values_t[kept_all & correct_t]) if (kept_all & correct_t).any() else None,
-            "value_dropped_correct": (torch.nanmean(values_t[~kept_all & correct_t])
-                                      if (~kept_all & correct_t).any() else None),
-            "nan_values": torch.isnan(values_t).float().sum(),
-        }
-        for name, value in stats.items():
-            if value is not None and math.isfinite(float(value)):
-                self._metrics["train"][f"prof/{name}"].append(float(value))
-
-    def _gain_rl_step(self, output: dict) -> None:
-        """acc and ang of this step's rollouts, then the mu update (same values on every rank)."""
-        # TRL keeps the gathered rewards of the latest generation batch at the end of this log.
-        n_rollouts = len(output["advantages"]) * self.accelerator.num_processes
-        if REWARD_NAME not in self.reward_func_names:
-            raise RuntimeError(f"GAIN-RL needs the {REWARD_NAME!r} reward; got {self.reward_func_names}")
-        rewards = torch.tensor(list(self._logs["rewards"][REWARD_NAME])[-n_rollouts:])
-        valid = ~torch.isnan(rewards)
-        if not valid.any():
-            raise RuntimeError("GAIN-RL: every reward of this step is NaN (no parseable gold answer)")
-        acc = float((rewards[valid] >= 1.0).float().mean())
-        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1).bool()
-        model = self.accelerator.unwrap_model(self.model)
-        with torch.no_grad():
-            hidden = gain_rl.mlp_inputs(model, ids, mask.long(), stop_early=True)
-            local = gain_rl.causal_angle(hidden, mask)
-        ang = float(self.accelerator.gather(local.mean().reshape(1)).mean())
-        delta = self.gain_rl_schedule.update(acc, ang)
-        for name, value in (("mu", self.gain_rl_schedule.sampler.mu), ("delta", delta), ("acc", acc), ("ang", ang)):
-            self._metrics["train"][f"gain_rl/{name}"].append(float(value))
-
-    # ---- sampling speed ---------------------------------------------------------------------------
 
     def _generate_single_turn(self, *args, **kwargs):
         """Sample with the module in eval mode, then restore training mode.
@@ -287,22 +409,76 @@ class RLVRGRPOTrainer(GRPOTrainer):
         finally:
             module.train(was_training)
 
-    # ---- checkpoints carry the GAIN-RL state ---------------------------------------------------
+    # ---- curation -----------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.gain_rl_schedule is not None and self.accelerator.is_main_process:
-            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / GAIN_RL_STATE
-            path.write_text(json.dumps(self.gain_rl_schedule.sampler.state_dict()))
+    def _gathered_rewards(self) -> torch.Tensor:
+        """This step's rewards over every process: one row per rollout, the accuracy column first, then
+        the other reward functions in order (NaN where a function returned None)."""
+        funcs = [self.accuracy] + [f for f in self.recorded_rewards if f is not self.accuracy]
+        columns = [gather_object([math.nan if r is None else float(r) for r in f.latest]) for f in funcs]
+        return torch.tensor(columns, dtype=torch.float32).T
 
-    def _load_rng_state(self, checkpoint):
-        super()._load_rng_state(checkpoint)
-        if self.gain_rl_schedule is not None and checkpoint is not None:
-            state_file = Path(checkpoint) / GAIN_RL_STATE
-            if not state_file.is_file():
-                raise FileNotFoundError(f"{state_file}: resuming a GAIN-RL run needs the sampler state")
-            self.gain_rl_schedule.sampler.load_state_dict(json.loads(state_file.read_text()))
-            log.info("GAIN-RL state restored from %s (mu = %.2f)", checkpoint, self.gain_rl_schedule.sampler.mu)
+    def _reward_weights(self) -> torch.Tensor:
+        """GRPOConfig.reward_weights in the column order of `_gathered_rewards`."""
+        weights = self.args.reward_weights or [1.0] * len(self.recorded_rewards)
+        by_func = dict(zip(map(id, self.recorded_rewards), weights))
+        funcs = [self.accuracy] + [f for f in self.recorded_rewards if f is not self.accuracy]
+        return torch.tensor([by_func[id(f)] for f in funcs], dtype=torch.float32)
+
+    def _gain_rl_inputs(self, local_inputs: list[dict]) -> list[dict]:
+        """Replace the data loader's rows with the K prompts GAIN-RL draws now, grouped for TRL."""
+        k = self.args.generation_batch_size // self.args.num_generations
+        indices = gain_rl.expand_for_trl(self.gain_rl_schedule.draw(k), self.args.num_generations, 1)
+        rank, per_rank = self.accelerator.process_index, len(local_inputs)
+        mine = indices[rank * per_rank : (rank + 1) * per_rank]
+        return [dict(self.prompt_rows[i]) for i in mine]
+
+    def _prof_step(self, output: dict, problems: list[str], completions: list[str], rewards: torch.Tensor) -> None:
+        """PROF on this step's groups (gathered over processes); rewrites this process's part of `output`.
+
+        `rewards` has one row per rollout and the accuracy reward in column 0 (`_gathered_rewards`).
+        """
+        correct = (rewards[:, 0] >= 1.0).tolist()
+        kept, values = self.prof_filter.decide(problems, completions, correct, self.args.num_generations)
+        total = (rewards * self._reward_weights().unsqueeze(0)).nansum(dim=1)
+        total[torch.isnan(rewards).all(dim=1)] = float("nan")
+        kept_all = torch.tensor(kept)
+        advantages = kept_advantages(total, kept_all, self.args.num_generations, self.args.scale_rewards)
+        n_local = len(output["advantages"])
+        local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        device = output["advantages"].device
+        output["advantages"] = advantages[local].to(device=device, dtype=output["advantages"].dtype)
+        keep_local = kept_all[local].to(device)
+        output["completion_mask"] = output["completion_mask"] * keep_local.unsqueeze(1).to(output["completion_mask"].dtype)
+        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        values_t, correct_t = torch.tensor(values), torch.tensor(correct)
+        self._record("prof/kept_frac", kept_all.float().mean())
+        self._record("prof/kept_correct", (kept_all & correct_t).float().sum())
+        self._record("prof/kept_incorrect", (kept_all & ~correct_t).float().sum())
+        self._record("prof/dropped_correct", (~kept_all & correct_t).float().sum())
+        self._record("prof/dropped_incorrect", (~kept_all & ~correct_t).float().sum())
+        if (kept_all & correct_t).any():
+            self._record("prof/value_kept_correct", torch.nanmean(values_t[kept_all & correct_t]))
+        if (~kept_all & correct_t).any():
+            self._record("prof/value_dropped_correct", torch.nanmean(values_t[~kept_all & correct_t]))
+        self._record("prof/nan_values", torch.isnan(values_t).float().sum())
+
+    def _gain_rl_step(self, output: dict, accuracy: torch.Tensor) -> None:
+        """acc and ang of this step's rollouts, then the mu update (same values on every rank)."""
+        valid = ~torch.isnan(accuracy)
+        if not valid.any():
+            raise RuntimeError("GAIN-RL: every reward of this step is NaN (no parseable gold answer)")
+        acc = float((accuracy[valid] >= 1.0).float().mean())
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1).bool()
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            hidden = gain_rl.mlp_inputs(model, ids, mask.long(), stop_early=True)
+            local = gain_rl.causal_angle(hidden, mask)
+        ang = float(self.accelerator.gather(local.mean().reshape(1)).mean())
+        delta = self.gain_rl_schedule.update(acc, ang)
+        for name, value in (("mu", self.gain_rl_schedule.sampler.mu), ("delta", delta), ("acc", acc), ("ang", ang)):
+            self._record(f"gain_rl/{name}", value)
 
 
 class MlflowStepMetrics(TrainerCallback):

@@ -4,6 +4,12 @@ Every artifact the pipeline writes goes through these functions: the content is 
 temporary file in the destination folder and renamed over the target, so a crash (or a killed
 stage) never leaves half a file and never destroys the output of an earlier successful run.
 A folder output (a saved model) is built in a sibling temporary folder and swapped in at the end.
+
+A SIGKILL runs no cleanup, so a killed writer leaves its temporary file or folder behind. Their
+names carry the writer's process id (`.<name>.<pid>.<random>.tmp`, `.old` for a folder being
+replaced), and the next write of the same path removes those whose process no longer runs, so a
+rerun of a killed stage cleans up after it while a concurrent writer's file is left alone. Process
+ids are only meaningful on one machine: writers on several hosts sharing a folder are not covered.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,15 +28,62 @@ from typing import Any
 import pandas as pd
 
 
+# `.<name>.<pid>.<random>.<tmp|old>`; tempfile's random part has no dots, so the last three
+# dot-separated fields are always pid, random part and kind, whatever dots `name` has.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]+\.(?:tmp|old)$")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def orphans(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Temporary files and folders in `folder` (for target `name`, or any) whose writer no longer runs."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match and (name is None or match["name"] == name) and not _running(int(match["pid"])):
+            found.append(entry)
+    return sorted(found)
+
+
+def remove_orphans(folder: str | os.PathLike, name: str | None = None) -> int:
+    """Delete what `orphans` finds; return how many entries went."""
+    gone = orphans(folder, name)
+    for entry in gone:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return len(gone)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed to `path`.
 
-    On an exception the temporary file is removed and `path` is left as it was.
+    On an exception the temporary file is removed and `path` is left as it was. Temporary files of
+    `path` left by killed writers are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphans(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -44,16 +98,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to `path`; on success it replaces `path`.
 
     The old folder (if any) is moved aside first and deleted only after the new one is in place,
-    so at every moment either the old or the new complete folder exists under `path`.
+    so at every moment a complete folder exists: the old or the new one under `path`, or, between
+    the two renames, the old one in the `.old` sibling. Leftovers of killed writers go first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_orphans(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")
         os.replace(tmp, path)
         if old is not None:

@@ -12,6 +12,13 @@ spaces and newlines. A folder that declares a generic fast tokenizer is therefor
 
 A pass-through reference (`model_ref.json`, written when warm-up is switched off for a real base
 model) lets a stage output name a model without copying its weights.
+
+Load errors are `ModelLoadError` (an expected `RlvrError`) naming the folder or file: a path that
+does not exist (a `Path`, or a string that is not a hub id "org/name" or whose first folder exists,
+like `models/foo`) is a missing local folder and is never looked up on the hub; a folder without
+config.json or without tokenizer files; a safetensors file that is truncated or corrupt (its header
+is read before transformers loads it); a hub id that is neither cached nor reachable. Not covered: a
+corrupt `pytorch_model.bin` (only safetensors headers are checked).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -33,6 +41,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from rlvr.config import looks_like_local_path
+from rlvr.errors import RlvrError, one_line
 from rlvr.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -54,10 +64,12 @@ CHAT_TEMPLATE = (
 MODEL_REF = "model_ref.json"
 ROUNDTRIP_PROBE = "Compute 12+3.\n\n12+3=15\n\n\\boxed{15} x  y\tz"
 _GENERIC_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+# A tokenizer folder has at least one of these (fast tokenizer, BPE, WordPiece, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
 
 
-class ModelLoadError(RuntimeError):
-    pass
+class ModelLoadError(RlvrError, RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message names the folder or file and the fix."""
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
@@ -141,33 +153,58 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     return current
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else with a slash, or rooted, is a filesystem path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
+def check_weights(folder: Path) -> None:
+    """Read the header of every safetensors file in `folder`: a truncated or corrupt file is named
+    here instead of failing inside transformers with a message that names no file."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelLoadError(f"{path}: weights file is truncated or corrupt ({one_line(error)}); restore it "
+                                 "(dvc checkout) or save the model again") from error
 
 
 def local_or_hub(name_or_path: str | os.PathLike) -> str:
-    """A checked local model folder, or a hub name; a path that does not exist is an error here,
-    rather than a confusing hub lookup."""
+    """A checked local model folder, or a hub id. A `Path`, or a string that looks like a path
+    (`config.looks_like_local_path`), that does not exist is an error here, never a hub lookup."""
     source = resolve(name_or_path)
     local = Path(source).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"{local}: not a model folder (no config.json)")
+        check_weights(local)
         return str(local)
-    if _looks_like_path(source) or local.exists():
-        raise ModelLoadError(f"{source}: model path does not exist (give a model folder or a hub name)")
+    # A Path the caller gave (not a hub id reached through a model_ref.json) is always local.
+    given_as_path = isinstance(name_or_path, os.PathLike) and source == os.fspath(name_or_path)
+    if given_as_path or looks_like_local_path(source) or local.exists():
+        raise ModelLoadError(f"{source}: model folder does not exist (relative to {Path.cwd()}); give an "
+                             "existing folder, or a hub id org/name")
     return source
+
+
+def _tokenizer_files(folder: Path) -> list[str]:
+    return [name for name in TOKENIZER_FILES if (folder / name).is_file()]
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     source = resolve(name_or_path)
-    config_file = Path(source) / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
-    if declared in _GENERIC_TOKENIZER_CLASSES:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    folder = Path(source)
+    present = _tokenizer_files(folder) if folder.is_dir() else []
+    if folder.is_dir() and not present:
+        raise ModelLoadError(f"{folder}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                             "next to the model (tokenizer.save_pretrained)")
+    config_file = folder / "tokenizer_config.json"
+    files = ", ".join(str(folder / name) for name in present + ["tokenizer_config.json"]
+                      if (folder / name).is_file()) or source
+    try:
+        declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+        if declared in _GENERIC_TOKENIZER_CLASSES:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        raise ModelLoadError(f"{files}: cannot load the tokenizer ({one_line(error)})") from error
     check_roundtrip(tokenizer, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -185,13 +222,13 @@ def load_policy(
     Hub names need network access or a populated Hugging Face cache.
     """
     source = local_or_hub(name_or_path)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except OSError as error:
-        raise ModelLoadError(f"{source}: cannot load model ({error})") from error
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(f"{source}: cannot load model ({one_line(error)})") from error
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

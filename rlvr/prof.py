@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlvr import arith, models
-from rlvr.config import PRM
+from rlvr.config import ARITH_PRM, PRM
 
 split_steps = arith.split_steps  # one definition of a step: blocks between blank lines
 
@@ -210,7 +210,7 @@ class TransformersPRM:
 def load_prm(settings: PRM, progress: bool = False) -> ProcessRewardModel:
     """The PRM that params name: `arith` is the built-in exact checker; anything else is a
     transformers PRM (local folder or hub name)."""
-    if settings.name == "arith":
+    if settings.name == ARITH_PRM:
         return ArithStepChecker()
     return TransformersPRM(settings.name, trust_remote_code=settings.trust_remote_code, separator=settings.separator,
                            system=settings.system, batch_size=settings.batch_size, max_length=settings.max_length,

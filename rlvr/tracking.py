@@ -8,6 +8,13 @@ Inputs and outputs come from the stage's entry in dvc.yaml, the one place they a
 The store is addressed by an absolute path: `dvc exp run` may execute a stage in a temporary copy
 of the repository, and DVC then points `DVC_ROOT` at the original project, where the store lives.
 `MLFLOW_TRACKING_URI` overrides everything (a running `mlflow server`, say).
+
+A run ends FINISHED, FAILED (an exception) or KILLED (an interrupt: Ctrl-C, or the SIGTERM Prefect
+turns into an exception). A SIGKILL ends nothing, so each run is tagged with its process (host, pid
+and the process's start time, which tells a reused pid apart), and the next run of the same stage
+marks earlier RUNNING runs whose process is gone as KILLED. What is not covered: runs from another
+host (their processes cannot be checked from here; they stay RUNNING) and runs without those tags
+(from older versions, or where /proc is missing).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -30,6 +38,8 @@ log = logging.getLogger(__name__)
 
 DATA_PREFIXES = ("data/", "models/")
 PARENT_RUN_ENV = "RLVR_PARENT_RUN_ID"
+PROCESS_TAGS = ("process.host", "process.pid", "process.start")
+GONE_TAG = "process.gone"  # set on a run marked KILLED because its process was gone
 
 
 def project_root() -> Path:
@@ -110,9 +120,70 @@ def ensure_experiment(params: Params) -> str:
     return mlflow.set_experiment(params.tracking.experiment).experiment_id
 
 
+def process_start(pid: int) -> str | None:
+    """`<boot id>:<start time in clock ticks>` of process `pid`, from /proc: with the pid, it names one
+    process for the life of the machine (a pid is reused, its start time is not). None when there is
+    no such process, when it has exited (a zombie), or when there is no /proc (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    # Field 2, the command name, is in parentheses and may hold spaces: count fields after the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    state, start = fields[0], fields[19]  # fields 3 and 22 of proc(5)
+    return None if state in ("Z", "X") else f"{boot}:{start}"
+
+
+def process_tags() -> dict[str, str]:
+    """This process, as the tags that let a later run tell whether it still runs (none without /proc)."""
+    start = process_start(os.getpid())
+    if start is None:
+        return {}
+    return dict(zip(PROCESS_TAGS, (socket.gethostname(), str(os.getpid()), start)))
+
+
+def _process_gone(tags: dict[str, str]) -> bool:
+    """True only when the tagged process provably no longer runs: same host, and that pid is now
+    absent or a different process. Untagged runs and other hosts' runs count as alive."""
+    host, pid, start = (tags.get(key) for key in PROCESS_TAGS)
+    if not (host and pid and start) or host != socket.gethostname() or process_start(os.getpid()) is None:
+        return False
+    return process_start(int(pid)) != start
+
+
+def close_orphaned_runs(stage: str, params: Params) -> list[tuple[object, str]]:
+    """Mark this stage's RUNNING runs whose process is gone (killed by SIGKILL, or the machine went
+    down) as KILLED; returns (run, reason) for each. Runs of live processes, e.g. a concurrent
+    `dvc exp run`, are left alone. Call it before `stage_run`."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri(params))
+    client = MlflowClient()
+    running = client.search_runs([ensure_experiment(params)],
+                                 filter_string=f"tags.`dvc.stage` = '{stage}' and attributes.status = 'RUNNING'")
+    closed = []
+    for run in running:
+        tags = run.data.tags
+        if _process_gone(tags):
+            reason = (f"process {tags['process.pid']} on {tags['process.host']} was gone when the next "
+                      f"{stage} run started (pid {os.getpid()})")
+            client.set_tag(run.info.run_id, GONE_TAG, reason)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            log.warning("MLflow run %s marked KILLED: %s", run.info.run_id, reason)
+            closed.append((run, reason))
+    return closed
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, dvc_file: Path = Path("dvc.yaml")) -> Iterator[object]:
-    """An MLflow run for one stage execution; yields the run, tags outputs when the block succeeds."""
+def stage_run(stage: str, params: Params, dvc_file: Path = Path("dvc.yaml"),
+              tags: dict[str, str] | None = None) -> Iterator[object]:
+    """An MLflow run for one stage execution; yields the run, tags outputs when the block succeeds.
+
+    The run ends FINISHED, FAILED when the block raises an exception, or KILLED when it is
+    interrupted (KeyboardInterrupt, or another BaseException such as Prefect's TerminationSignal
+    for SIGTERM). `tags` are added to the run's tags (a Prefect flow run id, say)."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -120,13 +191,15 @@ def stage_run(stage: str, params: Params, dvc_file: Path = Path("dvc.yaml")) -> 
     inputs, outputs, sections = stage_io(stage, dvc_file)
     mlflow.set_tracking_uri(tracking_uri(params))
     ensure_experiment(params)
-    tags = {"dvc.stage": stage, "git.commit": git_commit(), "project.root": str(project_root())}
+    run_tags = {"dvc.stage": stage, "git.commit": git_commit(), "project.root": str(project_root()),
+                **process_tags(), **(tags or {})}
     if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+        run_tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
-        tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        run_tags["mlflow.parentRunId"] = parent
+    run = mlflow.start_run(run_name=stage, tags=run_tags)
+    try:
         mlflow.log_params(_stage_params(params, sections))
         for path in inputs:
             if Path(path).exists():
@@ -139,6 +212,13 @@ def stage_run(stage: str, params: Params, dvc_file: Path = Path("dvc.yaml")) -> 
         for path in outputs:
             if Path(path).exists():
                 mlflow.set_tag(f"output:{path}", dvc_md5(path))
+    except Exception:
+        mlflow.end_run("FAILED")
+        raise
+    except BaseException:  # interrupted from outside: the stage was stopped, not broken
+        mlflow.end_run("KILLED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def log_metrics(metrics: dict) -> None:

@@ -8,6 +8,8 @@ if [ ! -d .git ]; then
   git init -q   # DVC keeps its state next to a git repository; `dvc exp` also needs a commit
 fi
 [ -d .dvc ] || dvc init -q
+# Every stage's params and the input paths they name, before DVC deletes any stage output.
+python -m flows check
 dvc repro "$@"
 cat <<MSG
 

@@ -131,7 +131,7 @@ def run(params: Params, model_dirs: dict[str, Path] | None = None,
         frames[name] = frame if name == BUILTIN_BENCHMARK else fixed_subset(frame, params.evaluate.subset_size)
     metrics: dict[str, dict] = {name: {} for name in frames}
     results: dict[str, pd.DataFrame] = {}
-    with Grader(workers=2, timeout_s=params.evaluate.grade_timeout_s) as grader:
+    with Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) as grader:
         for label, model_dir in model_dirs.items():
             model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
             if torch.cuda.is_available():
@@ -193,6 +193,6 @@ def main(params: Params) -> dict:
     with atomic_dir(PASSK) as tmp:
         for name, text in passk_curves(params, metrics).items():
             (tmp / f"{name}.csv").write_text(text)
-    write_json(METRICS, metrics)
+    write_json(METRICS, metrics)  # last: a run that fails earlier leaves the previous metrics in place
     log.info("evaluation summary\n%s", summary(metrics))
     return metrics

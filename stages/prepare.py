@@ -10,7 +10,7 @@ wrong file, not stray near-duplicates).
 
 Inputs:  the files named in params (data/sources/ by default)
 Outputs: data/prepared/{train.parquet, eval/<name>.parquet, report.json}, metrics/prepare.json
-Run:     dvc repro prepare   (or: python -m flows.stages prepare)
+Run:     dvc repro prepare   (or: python -m flows prepare)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pandas as pd
 
 from rlvr import arith, data
 from rlvr.config import Params, Source
+from rlvr.errors import RlvrError
 from rlvr.grading import Grader
 from rlvr.io import atomic_dir, write_json
 
@@ -32,7 +33,7 @@ OUTPUT = Path("data/prepared")
 METRICS = Path("metrics/prepare.json")
 
 
-class ContaminationError(RuntimeError):
+class ContaminationError(RlvrError, RuntimeError):
     pass
 
 
@@ -66,7 +67,7 @@ def run(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict]:
     counts: dict[str, dict] = {"train": {}, "eval": {}}
     evals: dict[str, pd.DataFrame] = {}
     trains = []
-    with Grader(workers=2, timeout_s=params.prepare.grade_timeout_s) as grader:
+    with Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) as grader:
         for role, sources in (("train", params.prepare.train), ("eval", params.prepare.eval)):
             for source in sources:
                 frame, source_counts = clean(load_source(source, role, params), grader)

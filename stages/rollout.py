@@ -1,18 +1,30 @@
 """Stage `rollout`: n samples per training prompt with the current policy, graded; pass rate per prompt.
 
 The training prompts (the first `rollout.max_prompts` in file order, or all) are split into chunks of
-`rollout.chunk_size`. Each chunk is sampled and graded, then written to data/rollout_cache/ under
-a key that hashes what determines its content: the model's DVC digest, the rendered prompts and gold
-answers, and the sampling settings. The cache is a `persist: true` output, so DVC keeps it when it
-reruns the stage: a killed run reuses every chunk it finished, and a rerun that changes nothing the
-key covers samples nothing. A chunk's sampling seed comes from its key, so a chunk's samples do not
-depend on which other chunks exist. After a successful run, cached chunks this run did not use are
-deleted.
+`rollout.chunk_size`. Each chunk's completions are kept in the rollout cache, one file per chunk,
+named by a key that hashes everything that determines them: the model's DVC digest, the rendered
+prompts, the sampling settings (n, temperature, top_p, max_new_tokens, batch size, seed) and the
+sampler (rlvr/generation.py's source, the torch and transformers versions). A chunk's sampling seed
+comes from its key, so its samples do not depend on which other chunks exist or which run wrote it.
+Grading is not cached: every run grades all completions with the current grader, so a grader change
+never reuses stale rewards.
+
+The cache lives at `<project root>/data/rollout_cache/`, where the project root is `DVC_ROOT` when
+DVC sets it (inside `dvc exp run --temp` and queued experiments, which run in a copy under
+.dvc/tmp/exps/, it names the workspace) and the working directory otherwise. So a killed run reuses
+every chunk it finished, an unchanged rerun samples nothing, and every experiment of a workspace
+shares one cache. It is not a DVC output: DVC neither deletes nor versions it, and nothing deletes
+old chunks; `rm -rf data/rollout_cache` clears it. Chunks are written as temp file + rename, so two
+runs at once (two experiments) may both sample a chunk but only ever write whole, equal files: no
+lock is needed.
+
+What is not covered: the device. A chunk sampled on a GPU is reused on a CPU (both are valid samples
+with the chunk's seed, but not bit-identical ones), and a hub model behind a pass-through folder is
+keyed by its name, not its weights.
 
 Inputs:  models/warmup, data/prepared/train.parquet
 Outputs: data/rollouts/rollouts.parquet (id, problem, answer, sample, completion, reward),
-         data/rollouts/pass_rates.parquet (id, n_samples, n_correct, pass_rate),
-         data/rollout_cache/ (persist), metrics/rollout.json
+         data/rollouts/pass_rates.parquet (id, n_samples, n_correct, pass_rate), metrics/rollout.json
 Run:     dvc repro rollout   (or: python -m flows rollout)
 """
 
@@ -22,51 +34,78 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import transformers
 from tqdm.auto import tqdm
 
-from rlvr import models
+from rlvr import generation, models
 from rlvr.config import Params
 from rlvr.generation import SamplingSettings, render, sample_transformers
 from rlvr.grading import Grader
-from rlvr.io import dvc_md5, read_parquet, write_json, write_parquet
+from rlvr.io import atomic_dir, dvc_md5, file_md5, read_parquet, remove_orphans, write_json, write_parquet
+from rlvr.tracking import project_root
 
 log = logging.getLogger(__name__)
 
 MODEL = Path("models/warmup")
 TRAIN = Path("data/prepared/train.parquet")
 OUTPUT = Path("data/rollouts")
-CACHE = Path("data/rollout_cache")
+CACHE = Path("data/rollout_cache")  # under the project root, not the working directory
 METRICS = Path("metrics/rollout.json")
-COLUMNS = ("id", "problem", "answer", "sample", "completion", "reward")
+CHUNK_COLUMNS = ("row", "sample", "completion")  # row: the prompt's position in its chunk
 
 
-def chunk_key(model_digest: str, settings: dict, prompts: list[str], rows: pd.DataFrame) -> str:
-    """A digest of everything that determines a chunk's rollouts (content, never file paths)."""
-    payload = {"model": model_digest, "settings": settings, "prompts": prompts,
-               "ids": rows["id"].tolist(), "answers": rows["answer"].tolist()}
+def cache_dir() -> Path:
+    """The workspace's rollout cache, shared by every experiment of the workspace."""
+    return project_root() / CACHE
+
+
+def sampler_identity() -> dict:
+    """What, besides model, prompts and settings, decides the samples: our sampling code and its libraries."""
+    return {"code": file_md5(generation.__file__), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def chunk_key(model_digest: str, sampling: dict, sampler: dict, prompts: list[str]) -> str:
+    """A digest of everything that determines a chunk's completions (content, never file paths)."""
+    payload = {"model": model_digest, "sampling": sampling, "sampler": sampler, "prompts": prompts}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def roll_chunk(model, tokenizer, grader: Grader, rows: pd.DataFrame, prompts: list[str],
-               settings: SamplingSettings, batch_size: int, bar: tqdm) -> pd.DataFrame:
+def chunk_seed(key: str) -> int:
+    return int(key[:8], 16)
+
+
+def sample_chunk(model, tokenizer, prompts: list[str], settings: SamplingSettings, batch_size: int,
+                 bar: tqdm) -> pd.DataFrame:
     samples = sample_transformers(model, tokenizer, prompts, settings, batch_size, progress=bar)
-    flat = [(i, j, text) for i, row_samples in enumerate(samples) for j, text in enumerate(row_samples)]
-    answers = rows["answer"].tolist()
-    rewards = grader.grade([text for _, _, text in flat], [answers[i] for i, _, _ in flat])
-    return pd.DataFrame({
-        "id": [rows["id"].iat[i] for i, _, _ in flat],
-        "problem": [rows["problem"].iat[i] for i, _, _ in flat],
-        "answer": [answers[i] for i, _, _ in flat],
-        "sample": np.array([j for _, j, _ in flat], dtype=np.int64),
-        "completion": [text for _, _, text in flat],
-        "reward": np.array([np.nan if r is None else r for r in rewards], dtype=np.float64),
-    })
+    flat = [(i, j, text) for i, texts in enumerate(samples) for j, text in enumerate(texts)]
+    return pd.DataFrame({"row": np.array([i for i, _, _ in flat], dtype=np.int64),
+                         "sample": np.array([j for _, j, _ in flat], dtype=np.int64),
+                         "completion": [text for _, _, text in flat]})
+
+
+def read_chunk(path: Path, n_rows: int, n_samples: int) -> pd.DataFrame | None:
+    """A cached chunk, or None when there is none or it is not the complete (rows x samples) grid.
+
+    Writes are atomic, so an incomplete file means outside damage; it is resampled and overwritten.
+    """
+    if not path.is_file():
+        return None
+    try:
+        chunk = pd.read_parquet(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        log.warning("rollout cache: %s is unreadable (%s); resampling it", path, error)
+        return None
+    expected = [(i, j) for i in range(n_rows) for j in range(n_samples)]
+    if list(chunk.columns) != list(CHUNK_COLUMNS) or list(zip(chunk["row"], chunk["sample"])) != expected:
+        log.warning("rollout cache: %s does not hold %d x %d samples; resampling it", path, n_rows, n_samples)
+        return None
+    return chunk
 
 
 def pass_rates(rollouts: pd.DataFrame) -> pd.DataFrame:
@@ -80,58 +119,68 @@ def pass_rates(rollouts: pd.DataFrame) -> pd.DataFrame:
 
 
 def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN,
-        cache: Path = CACHE) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+        cache: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     r = params.rollout
+    cache = cache_dir() if cache is None else cache
     frame = read_parquet(train_path, required=("id", "problem", "answer"))
     if r.max_prompts is not None:
         frame = frame.iloc[: r.max_prompts].reset_index(drop=True)
     model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    model_digest = dvc_md5(model_dir)
+    model_digest, sampler = dvc_md5(model_dir), sampler_identity()
+    # the prompt params are in the key through the rendered prompts
     sampling = {"n": r.n_samples, "temperature": r.temperature, "top_p": r.top_p,
-                "max_new_tokens": r.max_new_tokens, "seed": params.seed, "prompt": asdict(params.prompt)}
+                "max_new_tokens": r.max_new_tokens, "batch_size": r.batch_size, "seed": params.seed}
     cache.mkdir(parents=True, exist_ok=True)
-    for partial in cache.glob(".*.tmp"):  # a chunk being written when an earlier run was killed
-        partial.unlink()
-    chunks, used, reused = [], set(), 0
+    remove_orphans(cache)  # chunks being written by runs that were killed (a running one's are kept)
+    parts, reused, invalid = [], 0, 0
     start = time.perf_counter()
     sampled_seconds, sampled = 0.0, 0
-    with Grader(workers=2, timeout_s=params.prepare.grade_timeout_s) as grader, \
-            tqdm(total=len(frame) * r.n_samples, desc="rollout", unit="sample", disable=None) as bar:
+    with tqdm(total=len(frame) * r.n_samples, desc="rollout", unit="sample", disable=None) as bar:
         for first in range(0, len(frame), r.chunk_size):
             rows = frame.iloc[first : first + r.chunk_size]
             prompts = [render(tokenizer, p, params.prompt) for p in rows["problem"]]
-            key = chunk_key(model_digest, sampling, prompts, rows)
+            key = chunk_key(model_digest, sampling, sampler, prompts)
             path = cache / f"{key}.parquet"
-            used.add(path.name)
-            if path.is_file():
-                chunks.append(read_parquet(path, required=COLUMNS))
+            chunk = read_chunk(path, len(rows), r.n_samples)
+            if chunk is not None:
                 reused += 1
-                bar.update(len(rows) * r.n_samples)
-                continue
-            settings = SamplingSettings(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
-                                        max_new_tokens=r.max_new_tokens, seed=int(key[:8], 16))
-            t0 = time.perf_counter()
-            chunk = roll_chunk(model, tokenizer, grader, rows, prompts, settings, r.batch_size, bar)
-            sampled_seconds += time.perf_counter() - t0
-            sampled += len(chunk)
-            write_parquet(path, chunk)
-            chunks.append(chunk)
-    for stale in cache.glob("*.parquet"):
-        if stale.name not in used:
-            stale.unlink()
-    rollouts = pd.concat(chunks, ignore_index=True)
+                bar.update(len(chunk))
+            else:
+                invalid += int(path.is_file())
+                settings = SamplingSettings(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
+                                            max_new_tokens=r.max_new_tokens, seed=chunk_seed(key))
+                t0 = time.perf_counter()
+                chunk = sample_chunk(model, tokenizer, prompts, settings, r.batch_size, bar)
+                sampled_seconds += time.perf_counter() - t0
+                sampled += len(chunk)
+                write_parquet(path, chunk)
+            parts.append(chunk.assign(row=chunk["row"] + first))
+    completions = pd.concat(parts, ignore_index=True)
+    rollouts = frame[["id", "problem", "answer"]].iloc[completions["row"]].reset_index(drop=True)
+    rollouts["sample"] = completions["sample"].to_numpy()
+    rollouts["completion"] = completions["completion"].to_numpy()
+    grade_start = time.perf_counter()
+    with Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) as grader:
+        rewards = grader.grade(rollouts["completion"].tolist(), rollouts["answer"].tolist())
+        timeouts = grader.timeouts
+    rollouts["reward"] = np.array([np.nan if x is None else x for x in rewards], dtype=np.float64)
     rates = pass_rates(rollouts)
+    n_chunks = -(-len(frame) // r.chunk_size)
     metrics = {
         "prompts": len(rates),
         "samples": len(rollouts),
-        "chunks": len(used),
+        "chunks": n_chunks,
         "chunks_reused": reused,
+        "chunks_sampled": n_chunks - reused,
+        "chunks_invalid": invalid,
         "mean_pass_rate": float(rates["pass_rate"].mean()),
         "frac_pass_rate_0": float((rates["pass_rate"] == 0).mean()),
         "frac_pass_rate_1": float((rates["pass_rate"] == 1).mean()),
         "ungraded_samples": int(rollouts["reward"].isna().sum()),
+        "grade_timeouts": timeouts,
+        "grade_seconds": round(time.perf_counter() - grade_start, 2),
         "seconds": round(time.perf_counter() - start, 2),
         "samples_per_second": round(sampled / sampled_seconds, 1) if sampled else 0.0,
     }
@@ -140,9 +189,11 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN,
 
 def main(params: Params) -> dict:
     rollouts, rates, metrics = run(params)
-    write_parquet(OUTPUT / "rollouts.parquet", rollouts)
-    write_parquet(OUTPUT / "pass_rates.parquet", rates)
-    write_json(METRICS, metrics)
-    log.info("rollout: %d prompts x %d samples, mean pass rate %.3f", metrics["prompts"],
-             params.rollout.n_samples, metrics["mean_pass_rate"])
+    with atomic_dir(OUTPUT) as tmp:
+        rollouts.to_parquet(tmp / "rollouts.parquet", index=False)
+        rates.to_parquet(tmp / "pass_rates.parquet", index=False)
+    write_json(METRICS, metrics)  # last: a run that fails earlier leaves the previous metrics in place
+    log.info("rollout: %d prompts x %d samples (%d of %d chunks from the cache), mean pass rate %.3f",
+             metrics["prompts"], params.rollout.n_samples, metrics["chunks_reused"], metrics["chunks"],
+             metrics["mean_pass_rate"])
     return metrics

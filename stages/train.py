@@ -6,9 +6,13 @@ picks which prompts each step sees: `gain_rl` (GAIN-RL dynamic sampling over the
 default reshuffling), so `dvc exp run -S train.order=length` compares them at equal budget.
 
 Checkpoints go to models/checkpoints (a `persist: true` output, so DVC does not delete them before a
-rerun) every `train.save_steps`. A run that finds checkpoints written with the same params and inputs
-resumes from the last one (model, optimizer, scheduler, RNG, and the GAIN-RL mu and sampler RNG);
-checkpoints from different params or inputs are discarded.
+rerun) every `train.save_steps` and at the last step. Each is complete only once its marker is written
+last (rlvr.grpo.CheckpointState); a folder a kill interrupted is removed at the next start. A run that
+finds complete checkpoints written with the same params and inputs (`fingerprint`) by a run that did
+not finish resumes from the newest one (model, optimizer, scheduler, RNGs, data position, GAIN-RL mu
+and sampler RNG) and ends with the same policy as an uninterrupted run; checkpoints from other params
+or inputs, or of a finished run, are discarded. docs/checkpoints.md has the details and the kill
+points tested.
 
 `train.prompts: band` trains on the prompts the `filter` stage kept (pass rate in its band).
 `train.prof: true` filters every group with PROF before the loss (rule: `prof`, PRM: `prm`), and
@@ -35,10 +39,9 @@ import numpy as np
 import pandas as pd
 import torch
 from datasets import Dataset
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
-from rlvr import gain_rl, models, prof
+from rlvr import gain_rl, grpo, models, prof
 from rlvr.config import Params
 from rlvr.generation import messages
 from rlvr.grading import Grader
@@ -68,7 +71,8 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
         max_steps=t.max_steps,
         per_device_train_batch_size=t.prompts_per_step * t.num_generations,
         num_generations=t.num_generations,
-        steps_per_generation=1,
+        steps_per_generation=1,  # with num_iterations 1: every step generates, so every checkpoint resumes exactly
+        shuffle_dataset=False,  # TRL's sampler walks rlvr.grpo.prompt_plan in order (uniform is shuffled there)
         gradient_accumulation_steps=1,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
@@ -80,7 +84,7 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
         loss_type=t.loss_type,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=2,
+        save_total_limit=2,  # never below 2: the rotation runs before the newest checkpoint is marked complete
         logging_steps=t.logging_steps,
         reward_weights=[1.0, t.blend_weight] if t.reward == "blend" else None,
         report_to="none",
@@ -122,18 +126,24 @@ def fingerprint(params: Params, inputs: list[Path]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def resume_point(checkpoints: Path, expected: str) -> str | None:
-    """The last checkpoint of an interrupted run with the same fingerprint, else None (and a clean dir).
+def resume_point(checkpoints: Path, expected: str) -> Path | None:
+    """The newest complete checkpoint of an unfinished run with the same fingerprint, else None (and a clean dir).
 
-    A run that finished marks its stamp complete (`mark_complete`): its checkpoints are never resumed,
-    so a rerun for a reason the fingerprint does not cover (a code change) trains from the start.
+    Checkpoint folders a kill interrupted (no valid completeness marker) are removed either way. A run
+    that finished marks its stamp (`mark_finished`): its checkpoints are never resumed, so a rerun for
+    a reason the fingerprint does not cover (a code change) trains from the start. The stamp goes
+    first when the folder is cleared, so a kill halfway through clearing leaves no stamp, and
+    therefore nothing that could be resumed.
     """
     stamp = checkpoints / FINGERPRINT
     recorded = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    if recorded.get("fingerprint") == expected and not recorded.get("complete"):
-        last = get_last_checkpoint(str(checkpoints))
-        if last:
+    if recorded.get("fingerprint") == expected and not recorded.get("finished"):
+        for name in grpo.discard_incomplete(checkpoints):
+            log.warning("train: removed %s, a checkpoint a killed run left incomplete", checkpoints / name)
+        last = grpo.last_complete_checkpoint(checkpoints)
+        if last is not None:
             return last
+    stamp.unlink(missing_ok=True)
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
@@ -141,9 +151,10 @@ def resume_point(checkpoints: Path, expected: str) -> str | None:
     return None
 
 
-def mark_complete(checkpoints: Path) -> None:
+def mark_finished(checkpoints: Path) -> None:
+    """Record that the run with these checkpoints finished and wrote its outputs (never resumed again)."""
     stamp = checkpoints / FINGERPRINT
-    write_json(stamp, {**json.loads(stamp.read_text()), "complete": True})
+    write_json(stamp, {**json.loads(stamp.read_text()), "finished": True})
 
 
 def dataset_and_ordering(params: Params, frame: pd.DataFrame, angles: pd.DataFrame) -> tuple[Dataset, list[int]]:
@@ -191,7 +202,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
     resume = resume_point(checkpoints, fingerprint(params, inputs))
     t = params.train
     prm = prof.load_prm(params.prm) if t.prof or t.reward == "blend" else None
-    with Grader(workers=2, timeout_s=params.evaluate.grade_timeout_s) as grader:
+    with Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) as grader:
         reward_funcs = [RewardFunction(grader)]
         if t.reward == "blend":
             reward_funcs.append(ProcessValueReward(prm, params.prof.max_steps))
@@ -211,7 +222,6 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
         )
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
-        mark_complete(checkpoints)
         seconds = time.perf_counter() - start
     models.save_model(trainer.model, tokenizer, output)
     # The trainer state's log history survives a resume (it is saved in every checkpoint).
@@ -220,7 +230,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
     rewards = [r["reward"] for r in rows if "reward" in r]
     if rewards and not np.isfinite(rewards).all():
         raise RuntimeError(f"train: non-finite rewards in the log: {rewards[-5:]}")
-    resumed_at = int(Path(resume).name.split("-")[-1]) if resume else 0
+    resumed_at = grpo.checkpoint_step(resume) if resume else 0
     metrics = {
         "steps": int(result.global_step),
         "resumed_from_step": resumed_at,
@@ -245,4 +255,7 @@ def main(params: Params) -> dict:
     metrics, rows = run(params)
     write_text(CURVE, curve_csv(rows))
     write_json(METRICS, {k: v for k, v in metrics.items() if np.isfinite(v)})
+    # Last: a kill before this line resumes from the final checkpoint (zero steps) and rewrites the outputs.
+    if params.train.max_steps > 0:
+        mark_finished(CHECKPOINTS)
     return metrics

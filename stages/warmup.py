@@ -7,7 +7,7 @@ For the built-in model this stage builds the character tokenizer and the tiny Qw
 
 Inputs:  data/prepared/train.parquet (rows with a non-empty `solution`)
 Outputs: models/warmup (model + tokenizer, or a `model_ref.json` pass-through), metrics/warmup.json
-Run:     dvc repro warmup   (or: python -m flows.stages warmup)
+Run:     dvc repro warmup   (or: python -m flows warmup)
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
-"""The real data files: copies are byte-exact, and every gold answer grades as its own \\boxed{} answer."""
+"""The real data files: copies are byte-exact, and every gold answer grades as its own \\boxed{} answer.
+Plus a small run of benchmarks/grader.py (Grader against grade_one and plain math-verify)."""
 
 import hashlib
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +63,19 @@ def test_training_golds_grade_as_their_own_boxed_answer_or_are_unparseable(name,
     assert len(golds) - len(kept) <= 10
     scores = grader.grade([f"\\boxed{{{g}}}" for g in kept], kept)
     assert scores == [1.0] * len(kept)
+
+
+def test_grader_benchmark_smoke_run_has_no_differing_grades(tmp_path):
+    # benchmarks/grader.py on 2 golds per source: every Grader grade must equal grade_one's. A long
+    # per-item limit, so that a loaded machine cannot turn a slow item into a one-sided timeout.
+    out = tmp_path / "grader.json"
+    command = [sys.executable, str(ROOT / "benchmarks/grader.py"), "--limit", "2", "--warmup", "1",
+               "--repeats", "1", "--timeout", "60", "--out", str(out)]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["golds"] == {name: 2 for name in BENCHMARKS}
+    assert report["items"] == 6 * 10 and report["grader_differs_from_reference"] == 0
+    assert 0 < report["runs"][0]["pairs_in_process"] < report["distinct_pairs"]
+    # plain math-verify reads an answer that is not boxed (grade_one gives no credit without a box)
+    assert report["plain_differs_from_reference"]["by_reason"]["no box: plain math-verify reads the answer from the text"] > 0

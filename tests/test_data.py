@@ -292,6 +292,69 @@ def test_gsm8k_without_marker_is_an_error(tmp_path):
         data.load_file(path, "g", "gsm8k")
 
 
+def test_answer_from_last_boxed_of_math500_solutions_gives_the_answer_field():
+    # MATH500 ships both: the bare answer and a worked solution whose last \boxed{} holds it.
+    path = SOURCES / REAL["math500"][0]
+    from_solution = data.load_file(path, "m", "generic", problem_field="problem", answer_field="solution",
+                                   answer_from="last_boxed")
+    assert from_solution["answer"].tolist() == real_frame("math500")["answer"].tolist()
+
+
+def test_answer_from_last_boxed_on_a_small_file(tmp_path):
+    path = tmp_path / "solutions.jsonl"
+    records = [
+        {"q": "a", "sol": r"First $\boxed{1}$, corrected: so the answer is $\boxed{\frac{1}{2}}$."},
+        {"q": "b", "sol": r"Nested braces: \boxed{\{1, 2\}} and \boxed{ x^{2} }"},
+        {"q": "c", "sol": "A worked solution that never boxes its answer: 7."},
+        {"q": "d", "sol": r"The last box is cut off: \boxed{3} then \boxed{4"},
+        {"q": "e", "sol": None},
+    ]
+    before = write(path, "".join(json.dumps(r) + "\n" for r in records))
+    frame = data.load_file(path, "s", "generic", problem_field="q", answer_field="sol", answer_from="last_boxed")
+    assert frame["answer"].tolist() == [r"\frac{1}{2}", "x^{2}", "", "", ""]
+    # Without a complete last box the gold is blank, like a null answer: dropped and counted, not fatal.
+    kept, dropped = data.drop_unparseable(frame, [True] * len(frame))
+    assert kept["problem"].tolist() == ["a", "b"] and dropped == 3
+    # The default reads the field as it is.
+    as_is = data.load_file(path, "s", "generic", problem_field="q", answer_field="sol")
+    assert as_is["answer"].iloc[2] == "A worked solution that never boxes its answer: 7."
+    assert path.read_bytes() == before
+
+
+def test_answer_from_errors_name_the_file_and_the_choices(tmp_path):
+    path = tmp_path / "s.jsonl"
+    write(path, '{"q": "a", "sol": "\\\\boxed{1}"}\n{"q": "b", "sol": 5}\n{"q": "c"}\n')
+    with pytest.raises(DataError, match=r"unknown answer_from 'lastboxed'; available: field, last_boxed"):
+        data.load_file(path, "s", "generic", problem_field="q", answer_field="sol", answer_from="lastboxed")
+    with pytest.raises(DataError, match=r"unknown answer_from 'lastboxed'"):
+        data.load_file(tmp_path / "missing.jsonl", "s", "generic", problem_field="q", answer_field="sol",
+                       answer_from="lastboxed")  # checked before the file is read
+    with pytest.raises(DataError, match=r"s\.jsonl line 2 .*answer_from 'last_boxed' needs a string, found int"):
+        data.load_file(path, "s", "generic", problem_field="q", answer_field="sol", answer_from="last_boxed", limit=2)
+    # A missing field is the same error as without answer_from.
+    with pytest.raises(DataError, match=r"s\.jsonl line 3 .*missing field 'sol'"):
+        data.load_file(path, "s", "generic", problem_field="q", answer_field="sol", answer_from="field")
+    with pytest.raises(DataError, match=r"s\.jsonl line 2 .*needs a string"):
+        data.load_file(path, "s", "generic", problem_field="q", answer_field="sol", answer_from="last_boxed")
+
+
+def test_params_check_answer_from_against_the_one_list():
+    from rlvr import config
+    from tests.conftest import small_params_dict
+
+    params = small_params_dict()
+    source = {"name": "m", "path": str(SOURCES / REAL["math500"][0]), "preset": "generic",
+              "problem_field": "problem", "answer_field": "solution", "answer_from": "last_boxed"}
+    params["prepare"]["eval"].append(source)
+    loaded = config.from_dict(params)
+    assert loaded.prepare.eval[-1].answer_from == "last_boxed"
+    assert loaded.prepare.eval[0].answer_from == "field"  # the default
+    source["answer_from"] = "lastboxed"
+    with pytest.raises(config.ConfigError, match=r"prepare\.eval\[2\]\.answer_from = 'lastboxed': use one of "
+                                                 r"\['field', 'last_boxed'\]"):
+        config.from_dict(params)
+
+
 def test_get_field_paths():
     record = {"prompt": [{"content": "hi", "role": "user"}], "reward_model": {"ground_truth": "3"}, "x": 0}
     assert data.get_field(record, "reward_model.ground_truth") == "3"

@@ -1,3 +1,5 @@
+"""rlvr.grpo: rewards, prompt plans, checkpoint markers, PROF's advantages, one real GRPO step."""
+
 import json
 
 import pytest
@@ -7,7 +9,7 @@ from datasets import Dataset
 from rlvr import config, grpo, models
 from rlvr.generation import messages
 from rlvr.grading import Grader
-from rlvr.grpo import OrderedRepeatSampler, RewardFunction, RLVRGRPOTrainer
+from rlvr.grpo import RewardFunction, RLVRGRPOTrainer
 from stages import train
 from tests.conftest import small_params_dict
 
@@ -28,27 +30,68 @@ def test_reward_function_follows_trl_contract(grader):
     assert reward.__name__ == "accuracy"
 
 
-def test_ordered_sampler_keeps_trl_grouping():
-    sampler = OrderedRepeatSampler([5, 3, 9, 1, 7], num_generations=2, prompts_per_step=2, repeat_count=2)
-    # chunks of K=2 in the given order, each index twice in a row, each chunk twice; the tail (7) is dropped
-    assert list(sampler) == [5, 5, 3, 3, 5, 5, 3, 3, 9, 9, 1, 1, 9, 9, 1, 1]
-    assert len(sampler) == len(list(sampler))
-    small = OrderedRepeatSampler([4], num_generations=3, prompts_per_step=2, repeat_count=1)
-    assert list(small) == [4, 4, 4, 4, 4, 4]
+def test_prompt_plan_walks_an_ordering_step_by_step_epoch_by_epoch():
+    # K = 2: epoch [5, 3 | 9, 1 | 7] drops the tail 7, then starts again
+    assert grpo.prompt_plan("length", [5, 3, 9, 1, 7], 5, prompts_per_step=2, steps=3, seed=0) == [5, 3, 9, 1, 5, 3]
+    # a set smaller than K is cycled to fill a step
+    assert grpo.prompt_plan("random", [4], 1, prompts_per_step=3, steps=2, seed=0) == [4, 4, 4, 4, 4, 4]
+    assert grpo.prompt_plan("gain_rl", [], 3, prompts_per_step=2, steps=2, seed=0) == [0, 1, 0, 1]
+    uniform = grpo.prompt_plan("uniform", [], 10, prompts_per_step=4, steps=6, seed=3)
+    epochs = [uniform[0:8], uniform[8:16], uniform[16:24]]  # 10 // 4 = 2 steps per epoch
+    assert all(len(set(e)) == 8 for e in epochs) and len({tuple(e) for e in epochs}) == 3
+    assert uniform == grpo.prompt_plan("uniform", [], 10, prompts_per_step=4, steps=6, seed=3)
+    assert uniform != grpo.prompt_plan("uniform", [], 10, prompts_per_step=4, steps=6, seed=4)
+    with pytest.raises(ValueError, match="order must be one of"):
+        grpo.prompt_plan("shuffled", [], 10, prompts_per_step=4, steps=1, seed=0)
 
 
-def _tiny_trainer(tmp_path, order="uniform", ordering=None, reward=None, **overrides):
+def _fake_checkpoint(root, step, files=("model.safetensors", "optimizer.pt")):
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_bytes(b"x" * 100)
+    return folder
+
+
+def test_a_checkpoint_is_complete_only_with_its_marker_and_every_file_it_lists(tmp_path):
+    folder = _fake_checkpoint(tmp_path, 4)
+    assert not grpo.is_complete(folder)  # no marker: a kill came before the end of the write
+    grpo.mark_complete(folder)
+    assert grpo.is_complete(folder)
+    assert json.loads((folder / grpo.COMPLETE).read_text())["files"] == {"model.safetensors": 100, "optimizer.pt": 100}
+    (folder / "optimizer.pt").write_bytes(b"x" * 50)  # truncated after the marker
+    assert not grpo.is_complete(folder)
+    (folder / "optimizer.pt").unlink()  # a rotation killed halfway through deleting the folder
+    assert not grpo.is_complete(folder)
+    (folder / grpo.COMPLETE).write_text("{")  # unreadable marker
+    assert not grpo.is_complete(folder)
+
+
+def test_the_newest_complete_checkpoint_wins_and_incomplete_ones_go(tmp_path):
+    for step in (2, 9, 10):
+        grpo.mark_complete(_fake_checkpoint(tmp_path, step))
+    _fake_checkpoint(tmp_path, 12)  # being written when the run was killed
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint folder: left alone
+    assert grpo.last_complete_checkpoint(tmp_path).name == "checkpoint-10"  # by step, not by name
+    assert grpo.discard_incomplete(tmp_path) == ["checkpoint-12"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2", "checkpoint-9", "checkpoint-x"]
+    assert grpo.last_complete_checkpoint(tmp_path / "missing") is None
+    assert grpo.checkpoint_step(tmp_path / "checkpoint-10") == 10
+
+
+def _tiny_trainer(tmp_path, order="uniform", ordering=None, reward=None, **kwargs):
     raw = small_params_dict()
     raw["train"].update(max_steps=1, prompts_per_step=2, num_generations=4, max_completion_length=8,
-                        learning_rate=1e-2, logging_steps=1, order=order, **overrides)
+                        learning_rate=1e-2, logging_steps=1, order=order)
     params = config.from_dict(raw)
     tokenizer = models.build_char_tokenizer()
     model = models.build_tiny_qwen2(tokenizer, 32, 2, 4, 2, 64, 128, seed=0)
     problems = ["Compute 1+2.", "Compute 5-3.", "Compute 2+2.", "Compute 9-1."]
-    dataset = Dataset.from_dict({"prompt": [messages(p, params.prompt) for p in problems],
+    dataset = Dataset.from_dict({"prompt": [messages(p, params.prompt) for p in problems], "problem": problems,
                                  "answer": ["3", "2", "4", "8"], "id": ["a", "b", "c", "d"]})
     trainer = RLVRGRPOTrainer(model=model, reward_funcs=[reward], args=train.grpo_config(params, str(tmp_path)),
-                              train_dataset=dataset, processing_class=tokenizer, order=order, ordering=ordering)
+                              train_dataset=dataset, processing_class=tokenizer, order=order, ordering=ordering,
+                              **kwargs)
     return trainer, model
 
 
@@ -70,23 +113,28 @@ def test_grpo_config_is_cpu_safe(small_params, tmp_path):
     cfg = train.grpo_config(small_params, str(tmp_path))
     assert cfg.gradient_checkpointing is False and cfg.activation_checkpointing is False
     assert cfg.top_k == 0
+    # exact resume: every step generates (no buffer across steps), TRL's sampler walks the prompt plan
+    assert cfg.steps_per_generation == 1 and cfg.num_iterations == 1 and cfg.shuffle_dataset is False
+    assert cfg.save_total_limit >= 2  # the newest complete checkpoint survives the rotation
     assert cfg.per_device_train_batch_size == small_params.train.prompts_per_step * small_params.train.num_generations
     assert cfg.bf16 is False or torch.cuda.is_available()
 
 
-def test_resume_point_discards_checkpoints_of_other_params(tmp_path):
+def test_resume_point_takes_the_newest_complete_checkpoint_of_the_same_unfinished_run(tmp_path):
     ckpts = tmp_path / "checkpoints"
     assert train.resume_point(ckpts, "a") is None
-    (ckpts / "checkpoint-10").mkdir()
-    (ckpts / "checkpoint-10" / "trainer_state.json").write_text("{}")
-    assert train.resume_point(ckpts, "a").endswith("checkpoint-10")
-    train.mark_complete(ckpts)  # a finished run's checkpoints are not resumed, even with the same params
+    grpo.mark_complete(_fake_checkpoint(ckpts, 10))
+    _fake_checkpoint(ckpts, 20)  # a kill inside the write of checkpoint-20
+    assert train.resume_point(ckpts, "a") == ckpts / "checkpoint-10"
+    assert not (ckpts / "checkpoint-20").exists()  # removed, so it cannot block the next save
+    train.mark_finished(ckpts)  # a finished run's checkpoints are not resumed, even with the same params
     assert train.resume_point(ckpts, "a") is None and not (ckpts / "checkpoint-10").exists()
-    (ckpts / "checkpoint-10").mkdir()
-    (ckpts / "checkpoint-10" / "trainer_state.json").write_text("{}")
-    assert train.resume_point(ckpts, "b") is None
+    grpo.mark_complete(_fake_checkpoint(ckpts, 10))
+    assert train.resume_point(ckpts, "b") is None  # other params or inputs
     assert not (ckpts / "checkpoint-10").exists()
     assert json.loads((ckpts / train.FINGERPRINT).read_text()) == {"fingerprint": "b"}
+    _fake_checkpoint(ckpts, 4)  # only incomplete checkpoints: start over
+    assert train.resume_point(ckpts, "b") is None and list(ckpts.iterdir()) == [ckpts / train.FINGERPRINT]
 
 
 def test_kept_advantages_are_renormalised_over_the_kept_rollouts():
@@ -131,18 +179,16 @@ def _grads(trainer, model, batch):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_prof_in_the_loop_drops_rollouts_from_the_loss(tmp_path):
+def test_prof_in_the_loop_drops_rollouts_from_the_loss(tmp_path, grader):
     # 4 rollouts of one prompt: 2 correct (process values 1.0 and 0.5), 2 incorrect (0.0 and 0.5).
     completions = ["1+2=3\n\n\\boxed{3}", "1+2=4\n\n\\boxed{3}", "1+2=4\n\n\\boxed{4}", "1+2=3\n\n\\boxed{5}"]
     values = {completions[0]: 1.0, completions[1]: 0.5, completions[2]: 0.0, completions[3]: 0.5}
     prm = _ListPRM(values)
-    trainer, model = _tiny_trainer(tmp_path, reward=_varied_reward)
-    trainer.prof_filter = grpo.ProfInLoop(prm)
-    trainer.reward_func_names = [grpo.REWARD_NAME]
+    trainer, model = _tiny_trainer(tmp_path, reward=RewardFunction(grader), prof_filter=grpo.ProfInLoop(prm))
     trainer.current_gradient_accumulation_steps = 1
     tokenizer = trainer.processing_class
     batch = _prof_batch(trainer, tokenizer, completions)
-    rewards = {grpo.REWARD_NAME: [1.0, 1.0, 0.0, 0.0]}
+    rewards = torch.tensor([[1.0], [1.0], [0.0], [0.0]])  # one column: the accuracy reward
     trainer._prof_step(batch, ["Compute 1+2."] * 4, completions, rewards)
     # 2/2, k = 2: the correct one with the lower value (1) and the incorrect one with the higher (3) go
     assert batch["completion_mask"][1].sum() == 0 and batch["completion_mask"][3].sum() == 0
@@ -151,7 +197,7 @@ def test_prof_in_the_loop_drops_rollouts_from_the_loss(tmp_path):
     expected = (kept - kept.mean()) / (kept.std() + 1e-4)
     torch.testing.assert_close(batch["advantages"], torch.tensor([expected[0], 0.0, expected[1], 0.0]))
     assert batch["num_items_in_batch"] == batch["completion_mask"].sum()
-    assert trainer._metrics["train"]["prof/dropped_correct"][-1] == 1.0
+    assert trainer.curation_metrics["prof/dropped_correct"] == [1.0]
 
     # The dropped completions' tokens do not matter: replacing them leaves every gradient unchanged.
     model.train()
@@ -174,11 +220,12 @@ def test_prof_in_the_loop_drops_rollouts_from_the_loss(tmp_path):
 
 
 def test_prof_needs_the_accuracy_reward(tmp_path):
-    with pytest.raises(ValueError, match="PROF needs"):
-        raw = small_params_dict()
-        params = config.from_dict(raw)
-        tokenizer = models.build_char_tokenizer()
-        model = models.build_tiny_qwen2(tokenizer, 32, 2, 4, 2, 64, 128, seed=0)
-        dataset = Dataset.from_dict({"prompt": [messages("Compute 1+2.", params.prompt)] * 4, "answer": ["3"] * 4})
-        RLVRGRPOTrainer(model=model, reward_funcs=[_varied_reward], args=train.grpo_config(params, str(tmp_path)),
-                        train_dataset=dataset, processing_class=tokenizer, prof_filter=grpo.ProfInLoop(_ListPRM({})))
+    with pytest.raises(ValueError, match="PROF and GAIN-RL need the 'accuracy' reward"):
+        _tiny_trainer(tmp_path, reward=_varied_reward, prof_filter=grpo.ProfInLoop(_ListPRM({})))
+
+
+def test_the_trainer_refuses_a_config_that_shuffles(tmp_path, small_params):
+    cfg = train.grpo_config(small_params, str(tmp_path))
+    cfg.shuffle_dataset = True
+    with pytest.raises(ValueError, match="shuffle_dataset=False"):
+        RLVRGRPOTrainer(model=None, reward_funcs=[_varied_reward], args=cfg, train_dataset=None)

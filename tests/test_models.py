@@ -1,4 +1,7 @@
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +9,7 @@ from transformers import AutoTokenizer
 
 from rlvr import models
 from rlvr.config import Prompt
+from rlvr.errors import RlvrError
 from rlvr.generation import SamplingSettings, render, sample_transformers
 
 
@@ -80,15 +84,65 @@ def test_pass_through_reference(tiny, tmp_path):
     assert loaded.config.model_type == "qwen2"
 
 
-@pytest.mark.parametrize("missing", ["./no/such/model", "/definitely/not/here", "a/b/c"])
-def test_missing_model_path_is_a_clear_error(missing):
-    with pytest.raises(models.ModelLoadError, match="does not exist"):
+@pytest.mark.parametrize("missing", ["./no/such/model", "/definitely/not/here", "a/b/c", "models/foo", "./x",
+                                     "my model"])
+def test_missing_model_path_is_a_clear_error(missing, tmp_path, monkeypatch):
+    # models/ exists here, so models/foo is a missing local folder, never a hub lookup
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(models.ModelLoadError, match=rf"^{re.escape(missing)}: model folder does not exist"):
         models.load_policy(missing)
+
+
+def test_a_path_object_is_never_a_hub_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(models.ModelLoadError, match="^warmup: model folder does not exist"):
+        models.load_policy(Path("warmup"))  # "warmup" alone would be a valid hub id
 
 
 def test_folder_without_config_is_rejected(tmp_path):
     with pytest.raises(models.ModelLoadError, match="no config.json"):
         models.load_policy(tmp_path)
+
+
+def _copy(tiny, tmp_path) -> Path:
+    _, _, path = tiny
+    return Path(shutil.copytree(path, tmp_path / "model"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_weights_file_is_named(tiny, tmp_path, damage):
+    folder = _copy(tiny, tmp_path)
+    weights = folder / "model.safetensors"
+    content = weights.read_bytes()
+    weights.write_bytes({"truncate": content[: len(content) // 2], "garbage": b"\x00" * 64, "empty": b""}[damage])
+    with pytest.raises(models.ModelLoadError, match=rf"^{re.escape(str(weights))}: weights file is truncated or "
+                                                    "corrupt") as caught:
+        models.load_policy(folder)
+    assert "\n" not in str(caught.value)
+    # the PRM loader goes through the same check
+    with pytest.raises(models.ModelLoadError, match="weights file is truncated"):
+        models.local_or_hub(str(folder))
+
+
+def test_missing_tokenizer_is_named(tiny, tmp_path):
+    folder = _copy(tiny, tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(models.ModelLoadError, match=rf"^{re.escape(str(folder))}: no tokenizer \(none of "
+                                                    r"tokenizer\.json"):
+        models.load_policy(folder)
+
+
+def test_corrupt_tokenizer_file_is_named(tiny, tmp_path):
+    folder = _copy(tiny, tmp_path)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(models.ModelLoadError, match=rf"^{re.escape(str(folder / 'tokenizer.json'))}.*cannot load "
+                                                    "the tokenizer"):
+        models.load_policy(folder)
+
+
+def test_model_errors_are_expected_errors():
+    assert issubclass(models.ModelLoadError, RlvrError)
 
 
 def test_sampling_is_seeded_and_diverse(tiny):

@@ -156,10 +156,14 @@ def test_transformers_prm_marks_cut_steps_nan(tiny_prm_dir):
     assert not any(math.isnan(x) for x in scores[:2]) and all(math.isnan(x) for x in scores[2:])
 
 
+def _prm(**changes) -> config.PRM:
+    return config.PRM(**{"separator": "<extra_0>", "system": None, "batch_size": 8, "max_length": 4096, **changes})
+
+
 def test_transformers_prm_errors(tiny_prm_dir, tmp_path):
     with pytest.raises(models.ModelLoadError, match="does not exist"):
-        prof.load_prm(config.PRM(name=str(tmp_path / "missing")))
+        prof.load_prm(_prm(name=str(tmp_path / "missing")))
     with pytest.raises(models.ModelLoadError, match="separator"):
         prof.TransformersPRM(str(tiny_prm_dir), separator="<no_such_token>")
-    assert isinstance(prof.load_prm(config.PRM(name="arith")), prof.ArithStepChecker)
-    assert isinstance(prof.load_prm(config.PRM(name=str(tiny_prm_dir), system=None)), prof.TransformersPRM)
+    assert isinstance(prof.load_prm(_prm(name="arith")), prof.ArithStepChecker)
+    assert isinstance(prof.load_prm(_prm(name=str(tiny_prm_dir))), prof.TransformersPRM)

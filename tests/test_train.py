@@ -1,20 +1,18 @@
-"""The train stage on the built-in task: orderings, metrics, and resuming after the process is killed."""
+"""The train stage on the built-in task, through TRL: orderings, metrics, the blend reward and PROF.
 
-import json
+Kills and resumes: tests/test_train_kill.py.
+"""
+
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
-import yaml
+import torch
 
 from rlvr import config, models
 from stages import filter as filter_stage
 from stages import prepare, rollout, score, train, warmup
-from tests.conftest import ROOT, small_params_dict
+from tests.conftest import small_params_dict
 
 pytestmark = pytest.mark.slow
 
@@ -66,33 +64,46 @@ def test_zero_steps_passes_the_warmup_model_through(workdir, monkeypatch):
     assert all((x == y).all() for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_killed_run_resumes_from_its_last_checkpoint_with_gain_rl_state(workdir, monkeypatch):
-    monkeypatch.chdir(workdir)
-    raw = _params(order="gain_rl", max_steps=8, save_steps=2)
-    (workdir / "resume.yaml").write_text(yaml.safe_dump(raw))
-    script = ("from rlvr import config\nfrom stages import train\n"
-              "if __name__ == '__main__':\n    train.main(config.load('resume.yaml'))\n")
-    (workdir / "run_train.py").write_text(script)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "run_train.py"], cwd=workdir, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first = workdir / "models/checkpoints/checkpoint-2/gain_rl_state.json"
-    deadline = time.monotonic() + 300
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert first.exists(), "the run was expected to save checkpoint-2 before it was killed"
-    checkpoints = sorted(p.name for p in (workdir / "models/checkpoints").glob("checkpoint-*"))
-    assert "checkpoint-8" not in checkpoints, "the run finished before it could be killed"
-    last = max(int(name.split("-")[1]) for name in checkpoints)
-    saved_mu = json.loads((workdir / f"models/checkpoints/checkpoint-{last}/gain_rl_state.json").read_text())["mu"]
+class LengthPRM:
+    """Test PRM: a deterministic step score with spread (the tiny model's 24-token completions never
+    hold a right step, so the built-in checker would score every rollout 0 and nothing would train)."""
 
-    metrics = train.main(config.load(workdir / "resume.yaml"))
-    assert metrics["resumed_from_step"] == last and metrics["steps"] == 8
+    def step_scores(self, problems, steps):
+        return [[(len(step) % 5) / 4 for step in response] for response in steps]
+
+
+def _changed(workdir) -> list[str]:
+    trained, _ = models.load_policy(workdir / "models/policy")
+    warm, _ = models.load_policy(workdir / "models/warmup")
+    before = dict(warm.named_parameters())
+    return [n for n, p in trained.named_parameters() if not torch.equal(p, before[n])]
+
+
+def test_blend_reward_reaches_the_loss_through_trl(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(train.prof, "load_prm", lambda settings, progress=False: LengthPRM())
+    metrics = train.main(config.from_dict(_params(order="uniform", reward="blend", max_steps=2)))
+    assert metrics["steps"] == 2
     curve = pd.read_csv(workdir / "metrics/train_curve.csv").set_index("step")
-    assert curve.index.tolist() == list(range(1, 9))  # the log history survives the resume
-    # mu after the first resumed step = restored mu + that step's delta (it would be mu0 + delta otherwise)
-    resumed = curve.loc[last + 1]
-    assert resumed["gain_rl/mu"] == pytest.approx(saved_mu + resumed["gain_rl/delta"])
-    assert saved_mu == pytest.approx(curve.loc[last, "gain_rl/mu"])
+    accuracy, value = curve["rewards/accuracy/mean"], curve["rewards/process_value/mean"]
+    assert ((value > 0) & (value < 1)).all() and (curve["rewards/process_value/std"] > 0).all()
+    # TRL's logged reward is the weighted sum: accuracy + blend_weight (0.8) x process value
+    assert curve["reward"].tolist() == pytest.approx((accuracy + 0.8 * value).tolist(), rel=1e-5)
+    # the grader gives the tiny model 0 everywhere, so every parameter that moved, moved for the process value
+    assert (accuracy == 0).all() and _changed(workdir)
+
+
+def test_prof_in_the_loop_filters_every_group_through_trl(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(train.prof, "load_prm", lambda settings, progress=False: LengthPRM())
+    # PROF with the blend reward: every rollout is incorrect (the grader), so PROF keeps the 2 of each group
+    # of 4 with the lowest process value, and the process value is what makes their advantages differ.
+    metrics = train.main(config.from_dict(_params(order="uniform", prof=True, reward="blend", max_steps=2)))
+    assert metrics["steps"] == 2
+    curve = pd.read_csv(workdir / "metrics/train_curve.csv").set_index("step")
+    rollouts = 4 * 4  # prompts_per_step x num_generations
+    assert (curve["prof/kept_frac"] == 0.5).all()  # prof.remove null = n // 2
+    assert (curve["prof/kept_incorrect"] == rollouts / 2).all() and (curve["prof/dropped_incorrect"] == rollouts / 2).all()
+    assert (curve["prof/kept_correct"] == 0).all() and (curve["prof/dropped_correct"] == 0).all()
+    assert (curve["prof/nan_values"] == 0).all()
+    assert _changed(workdir)
