@@ -13,22 +13,25 @@ is ...":
   - the gold in plain text, without a box (grade_one gives 0.0: no box, no credit).
 
 Methods, all on the same items and on this machine:
-  - plain:     math-verify one item at a time in one process,
-               `verify(parse("$gold$"), parse(completion))`;
+  - plain:     math-verify one item at a time in one process (a second one, so that the reference
+               pass below warms nothing for it), `verify(parse("$gold$"), parse(completion))`;
   - grader:    `rlvr.grading.Grader` with --workers processes, in calls of --batch items in input
-               order (a gold's items together, as in a GRPO group), memo off;
+               order (a gold's items together, as in a GRPO group), memo off so that every run
+               grades every item;
   - reference: `grade_one` per item in this process (the Grader's slow path: math-verify after
                number normalisation, no fast paths), once.
-Each run starts plain in a new process and a new Grader, and each grades a warm-up set (--warmup
-MATH train golds, items built the same way) before its clock starts, so both pay SymPy's first-use
-costs outside the timing and neither reuses what an earlier run computed.
-Every Grader grade must equal the reference (the script exits 1 otherwise). Items where plain
-math-verify differs from the reference are counted by reason. Throughput is items per second of
-wall time; each run times plain, then the grader, and the ratio is taken within a run; the summary
-gives medians over --repeats runs. The machine's load average is recorded next to the numbers.
+Each run starts a new plain process and a new Grader, and both first grade a warm-up set untimed
+(--warmup MATH train golds, items built the same way: the same kinds of answers, none of the same
+items): a new process pays for SymPy's lazy imports and first use of each kind of expression, which
+a long GRPO run pays once, and the Grader pays it in every worker. Then both make one pass over the
+items, --chunk items at a time, taking turns at going first, so that a change in the load of this
+shared machine falls on both alike; the ratio is plain seconds / grader seconds within a run, and
+the summary gives medians over --repeats runs with the load average before and after.
+Every Grader grade must equal the reference (the script exits 1 otherwise); items where plain
+math-verify differs from the reference are counted by reason.
 
-Run: python benchmarks/grader.py [--repeats 5] [--batch 64] [--workers 2] [--limit N] [--warmup 100]
-                                 [--timeout 5] [--out benchmarks/results/grader.json]
+Run: python benchmarks/grader.py [--repeats 5] [--batch 64] [--chunk 1024] [--workers 2] [--limit N]
+                                 [--warmup 400] [--timeout 5] [--out benchmarks/results/grader.json]
 """
 
 from __future__ import annotations
@@ -65,9 +68,8 @@ SOURCES = {
     "amc23": ("data/sources/benchmarks/amc23/test.jsonl", "amc"),
 }
 PREFIX = "Working through it step by step, the final answer is "
-# Warm-up items, graded by each method before its clock starts: a new process pays for SymPy's lazy
-# imports and first-use set-up on its first items of each kind, which a long GRPO run pays once.
-# MATH train golds: the same kinds of answers as the benchmarks, none of the same items.
+# Warm-up items (see the module docstring): MATH train golds, the same kinds of answers as the
+# benchmarks and none of the same items.
 WARM_UP_SOURCE = ("data/sources/train/math/math.json", "math")
 
 
@@ -182,38 +184,53 @@ def build_items(sources: dict[str, tuple[str, str]], limit: int | None) -> tuple
 # Methods
 
 
-def plain_math_verify(completions: list[str], golds: list[str], warm_up: tuple[list, list]) -> tuple[list, float]:
-    """Grades and seconds on the clock, after grading the warm-up items untimed."""
-    for completion, gold in zip(*warm_up):
-        verify(parse(f"${gold}$"), parse(completion))
+def plain_math_verify(completions: list[str], golds: list[str]) -> tuple[list[float], float]:
+    """Plain math-verify over items, one at a time (run in the plain process): grades and seconds."""
     start = time.perf_counter()
     grades = [float(verify(parse(f"${gold}$"), parse(completion))) for completion, gold in zip(completions, golds)]
     return grades, time.perf_counter() - start
 
 
-def in_fresh_process(function, *args):
-    """function(*args) in a new process: SymPy's and math-verify's caches start cold, as in a new
-    Grader's workers, and nothing learnt by an earlier run or by the reference pass carries over."""
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
+def with_grader(grader: Grader, completions: list[str], golds: list[str], batch: int) -> tuple[list, float]:
+    """The Grader over items in calls of `batch`: grades and seconds."""
+    start = time.perf_counter()
+    grades = []
+    for first in range(0, len(completions), batch):
+        grades += grader.grade(completions[first : first + batch], golds[first : first + batch])
+    return grades, time.perf_counter() - start
 
 
-def with_grader(
-    completions: list[str], golds: list[str], warm_up: tuple[list, list], workers: int, batch: int, timeout_s: float
-) -> tuple[list, float, int, int]:
-    """Grades, seconds on the clock, pairs decided in process and timeouts, by a new Grader that has graded the
-    warm-up items untimed. Its memo is off, so every item is graded (a memo only saves time)."""
-    with Grader(workers=workers, timeout_s=timeout_s, memo_size=0) as grader:
-        grader.start()
-        for first in range(0, len(warm_up[0]), batch):
-            grader.grade(warm_up[0][first : first + batch], warm_up[1][first : first + batch])
-        fast_before = grader.fast
-        start = time.perf_counter()
-        grades = []
-        for first in range(0, len(completions), batch):
-            grades += grader.grade(completions[first : first + batch], golds[first : first + batch])
-        seconds = time.perf_counter() - start
-        return grades, seconds, grader.fast - fast_before, grader.timeouts
+def timed_run(plain_process, grader: Grader, completions: list[str], golds: list[str], args) -> dict:
+    """One pass of both methods over the items, chunk by chunk, taking turns at going first so that
+    a change in the machine's load falls on both alike."""
+    plain, grades = [], []
+    plain_s = grader_s = 0.0
+    fast, timeouts = grader.fast, grader.timeouts
+    load = os.getloadavg()[0]
+    for index, first in enumerate(range(0, len(completions), args.chunk)):
+        chunk = (completions[first : first + args.chunk], golds[first : first + args.chunk])
+        for method in ("plain", "grader") if index % 2 == 0 else ("grader", "plain"):
+            if method == "plain":
+                chunk_grades, seconds = plain_process.submit(plain_math_verify, *chunk).result()
+                plain += chunk_grades
+                plain_s += seconds
+            else:
+                chunk_grades, seconds = with_grader(grader, *chunk, args.batch)
+                grades += chunk_grades
+                grader_s += seconds
+    return {
+        "plain": plain,
+        "grader": grades,
+        "stats": {
+            "plain_items_per_s": round(len(completions) / plain_s, 1),
+            "grader_items_per_s": round(len(completions) / grader_s, 1),
+            "ratio": round(plain_s / grader_s, 2),
+            "grader_timeouts": grader.timeouts - timeouts,
+            "pairs_in_process": grader.fast - fast,
+            "load_average_before": round(load, 2),
+            "load_average_after": round(os.getloadavg()[0], 2),
+        },
+    }
 
 
 def difference_reason(completion: str, gold: str, reference: float | None) -> str:
@@ -256,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=64, help="items per Grader.grade call")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, help="golds per source (default: all)")
-    parser.add_argument("--warmup", type=int, default=100, help="MATH train golds in the warm-up set")
+    parser.add_argument("--chunk", type=int, default=1024, help="items per turn of each method")
+    parser.add_argument("--warmup", type=int, default=400, help="MATH train golds in the warm-up set")
     parser.add_argument("--timeout", type=float, default=5.0,
                         help="per-item limit of the Grader and of the reference (grade_one's default); an item "
                              "that runs out of time on one side only differs, so a loaded machine needs more")
@@ -275,25 +293,22 @@ def main(argv: list[str] | None = None) -> dict:
     plain = None
     grader_differs = 0
     examples: list[dict] = []
+    spawn = multiprocessing.get_context("spawn")
     for run in range(args.repeats):
-        load_before = os.getloadavg()[0]
-        plain, plain_s = in_fresh_process(plain_math_verify, completions, golds, warm_up)
-        grades, grader_s, fast, timeouts = with_grader(completions, golds, warm_up, args.workers, args.batch,
-                                                       args.timeout)
+        # New processes each run: SymPy caches what it computed, and a second pass over the same
+        # items would partly measure that cache.
+        with (concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as plain_process,
+              Grader(workers=args.workers, timeout_s=args.timeout, memo_size=0) as grader):
+            grader.start()
+            plain_process.submit(plain_math_verify, *warm_up).result()
+            with_grader(grader, *warm_up, args.batch)
+            timed = timed_run(plain_process, grader, completions, golds, args)
+        plain = timed["plain"]
         differing = [{"completion": c, "gold": g, "grader": got, "reference": want}
-                     for c, g, got, want in zip(completions, golds, grades, reference) if got != want]
-        differs = len(differing)
-        grader_differs = max(grader_differs, differs)
+                     for c, g, got, want in zip(completions, golds, timed["grader"], reference) if got != want]
+        grader_differs = max(grader_differs, len(differing))
         examples += differing[:5]
-        runs.append({
-            "plain_items_per_s": round(len(completions) / plain_s, 1),
-            "grader_items_per_s": round(len(completions) / grader_s, 1),
-            "ratio": round(plain_s / grader_s, 2),
-            "grader_differs_from_reference": differs,
-            "grader_timeouts": timeouts,
-            "pairs_in_process": fast,
-            "load_average_before": round(load_before, 2),
-        })
+        runs.append({**timed["stats"], "grader_differs_from_reference": len(differing)})
         print(f"run {run + 1}: " + ", ".join(f"{k} {v}" for k, v in runs[-1].items()), flush=True)
 
     result = {
@@ -305,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         "distinct_pairs": len(set(zip((extract_boxed(c) for c in completions), golds))),
         "reference_items_per_s": round(len(completions) / reference_s, 1),
         "runs": runs,
-        "median": {key: statistics.median(run[key] for run in runs)
+        "median": {key: round(statistics.median(run[key] for run in runs), 2)
                    for key in ("plain_items_per_s", "grader_items_per_s", "ratio")},
         "grader_differs_from_reference": grader_differs,
         "grader_differences": examples[:10],

@@ -81,9 +81,11 @@ def cmd_retrain(args) -> int:
     _use_services(root)
     from flows import info_logging
     from flows.retrain import retrain
+    from flows.stages import run_in_process
 
     info_logging()
-    summary = retrain(params_file=args.params)
+    # without the services, the temporary Prefect server is tied to this process, as for a stage
+    summary = run_in_process(retrain, params_file=args.params)
     print(json.dumps(summary, indent=2))
     return 0
 

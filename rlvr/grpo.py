@@ -324,6 +324,9 @@ class RLVRGRPOTrainer(GRPOTrainer):
                              "must walk the prompt plan in order (build it with stages.train.grpo_config)")
         if train_dataset is None:
             raise ValueError("RLVRGRPOTrainer needs a train_dataset")
+        if config.max_steps < 1:
+            raise ValueError(f"RLVRGRPOTrainer needs GRPOConfig.max_steps >= 1 (its prompt plan covers exactly "
+                             f"max_steps steps), got {config.max_steps}")
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         self.accuracy = next((f for f in funcs if isinstance(f, RewardFunction)), None)
         if (prof_filter is not None or order == "gain_rl") and self.accuracy is None:

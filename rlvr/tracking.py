@@ -216,9 +216,21 @@ def stage_run(stage: str, params: Params, dvc_file: Path = Path("dvc.yaml"),
         mlflow.end_run("FAILED")
         raise
     except BaseException:  # interrupted from outside: the stage was stopped, not broken
-        mlflow.end_run("KILLED")
+        _end_killed(run.info.run_id)
         raise
     mlflow.end_run("FINISHED")
+
+
+def _end_killed(run_id: str) -> None:
+    """End the active run KILLED, best effort: the interrupt may have landed inside one of MLflow's own
+    writes (SQLite then stays locked until this process exits). The interrupt must go on regardless,
+    and the run keeps its process tags, so the stage's next run closes it."""
+    import mlflow
+
+    try:
+        mlflow.end_run("KILLED")
+    except Exception as error:  # noqa: BLE001 - any failure here must not replace the interrupt
+        log.warning("could not mark MLflow run %s KILLED now (%s); the stage's next run will", run_id, error)
 
 
 def log_metrics(metrics: dict) -> None:

@@ -136,8 +136,11 @@ def resume_point(checkpoints: Path, expected: str) -> Path | None:
     therefore nothing that could be resumed.
     """
     stamp = checkpoints / FINGERPRINT
-    recorded = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    if recorded.get("fingerprint") == expected and not recorded.get("finished"):
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):  # none, or not ours: nothing here can be resumed
+        recorded = {}
+    if isinstance(recorded, dict) and recorded.get("fingerprint") == expected and not recorded.get("finished"):
         for name in grpo.discard_incomplete(checkpoints):
             log.warning("train: removed %s, a checkpoint a killed run left incomplete", checkpoints / name)
         last = grpo.last_complete_checkpoint(checkpoints)

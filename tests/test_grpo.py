@@ -135,6 +135,9 @@ def test_resume_point_takes_the_newest_complete_checkpoint_of_the_same_unfinishe
     assert json.loads((ckpts / train.FINGERPRINT).read_text()) == {"fingerprint": "b"}
     _fake_checkpoint(ckpts, 4)  # only incomplete checkpoints: start over
     assert train.resume_point(ckpts, "b") is None and list(ckpts.iterdir()) == [ckpts / train.FINGERPRINT]
+    grpo.mark_complete(_fake_checkpoint(ckpts, 6))
+    (ckpts / train.FINGERPRINT).write_text("{")  # unreadable stamp: nothing can be trusted, start over
+    assert train.resume_point(ckpts, "b") is None and not (ckpts / "checkpoint-6").exists()
 
 
 def test_kept_advantages_are_renormalised_over_the_kept_rollouts():

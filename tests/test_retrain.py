@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlvr import registry, services
+from flows import services
+from rlvr import registry, tracking
 from tests.test_pipeline import make_repo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -150,7 +151,9 @@ def test_services_down_stops_the_recorded_processes(tmp_path):
     running = services.up(tmp_path, prefect_port=services.free_port(), mlflow_port=services.free_port())
     pids = [s.pid for s in running.values()]
     assert all(services.status(tmp_path)[n]["healthy"] for n in running)
-    assert sorted(services.down(tmp_path)) == ["mlflow", "prefect"]
-    assert not any(services._alive(pid) for pid in pids)
+    outcome = services.down(tmp_path)
+    assert sorted(outcome) == ["mlflow", "prefect"]
+    assert all(text.startswith("stopped") for text in outcome.values()), outcome
+    assert all(tracking.process_start(pid) is None for pid in pids)
     assert services.read_state(tmp_path) == {}
     assert (tmp_path / "logs" / "prefect.log").is_file() and (tmp_path / ".prefect").is_dir()

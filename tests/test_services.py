@@ -256,6 +256,30 @@ def test_stage_run_ends_finished_failed_or_killed(store, error, status):
     assert recorded.data.tags["process.pid"] == str(os.getpid())
 
 
+def test_an_interrupt_stays_an_interrupt_when_mlflow_cannot_record_it(store, monkeypatch):
+    """A signal landing inside one of MLflow's own SQLite writes can leave the store locked: the run
+    is then closed by the stage's next run, and the interrupt still reaches Prefect."""
+    import mlflow
+
+    client, _, params = store
+    Path("dvc.yaml").write_text(yaml.safe_dump({"stages": {"rollout": {"cmd": "true"}}}))
+    set_terminated = mlflow.MlflowClient.set_terminated
+
+    def locked(self, run_id, status=None, end_time=None):
+        if status == "KILLED":
+            raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) database is locked")
+        return set_terminated(self, run_id, status, end_time)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", locked)
+    seen = {}
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.stage_run("rollout", params) as run:
+            seen["id"] = run.info.run_id
+            raise KeyboardInterrupt
+    assert client.get_run(seen["id"]).info.status == "RUNNING"  # left for the next run to close
+    assert mlflow.active_run() is None
+
+
 @pytest.mark.slow  # importing Prefect's server app takes seconds
 def test_the_temporary_server_hook_still_exists_in_prefect():
     """flows/temporary_server.py replaces how Prefect spawns its temporary server; it relies on
@@ -317,15 +341,21 @@ def _prefect_server_child(pid: int) -> int | None:
     return None
 
 
+def _at_work(project: Path, run_id: str) -> bool:
+    """The run has logged its inputs, the last thing `stage_run` records before the stage's own work."""
+    with sqlite3.connect(f"file:{project / 'mlruns' / 'mlflow.db'}?mode=ro", uri=True, timeout=5) as con:
+        return con.execute("SELECT 1 FROM inputs WHERE destination_id = ?", (run_id,)).fetchone() is not None
+
+
 def _wait_mid_stage(process: subprocess.Popen, project: Path, timeout_s: float = 600) -> tuple[str, int]:
-    """Wait until the stage's MLflow run is RUNNING (so the server is up and the stage is at work);
+    """Wait until the stage is at work inside its RUNNING MLflow run (the server is up by then);
     returns the run id and the pid of the temporary server."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the stage ended before it could be stopped:\n{process.stdout.read()[-3000:]}"
         running = [run_id for run_id, status in _runs(project) if status == "RUNNING"]
         server = _prefect_server_child(process.pid)
-        if running and server:
+        if running and server and _at_work(project, running[-1]):
             return running[-1], server
         time.sleep(0.2)
     raise AssertionError("the stage did not reach its MLflow run in time")
