@@ -200,6 +200,26 @@ def with_grader(grader: Grader, completions: list[str], golds: list[str], batch:
     return grades, time.perf_counter() - start
 
 
+def spin(iterations: int) -> float:
+    """Seconds of a pure-Python loop: the unit of the parallelism probe."""
+    start = time.perf_counter()
+    total = 0
+    for value in range(iterations):
+        total += value
+    return time.perf_counter() - start
+
+
+def parallel_speedup(pool: concurrent.futures.ProcessPoolExecutor, iterations: int = 10_000_000) -> float:
+    """How many cores two processes really get on this shared machine: 2.0 when both run at full
+    speed side by side, about 1.0 when other work leaves room for one (the Grader's workers then
+    cannot grade in parallel, and plain math-verify, one process, loses nothing)."""
+    list(pool.map(time.sleep, [0.5, 0.5]))  # start both processes before the clock
+    alone = spin(iterations)
+    start = time.perf_counter()
+    list(pool.map(spin, [iterations, iterations]))
+    return round(2 * alone / (time.perf_counter() - start), 2)
+
+
 def timed_run(plain_process, grader: Grader, completions: list[str], golds: list[str], args) -> dict:
     """One pass of both methods over the items, chunk by chunk, taking turns at going first so that
     a change in the machine's load falls on both alike."""
@@ -294,7 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
     grader_differs = 0
     examples: list[dict] = []
     spawn = multiprocessing.get_context("spawn")
+    probe = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn)
     for run in range(args.repeats):
+        speedup = parallel_speedup(probe)
         # New processes each run: SymPy caches what it computed, and a second pass over the same
         # items would partly measure that cache.
         with (concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as plain_process,
@@ -308,9 +330,11 @@ def main(argv: list[str] | None = None) -> dict:
                      for c, g, got, want in zip(completions, golds, timed["grader"], reference) if got != want]
         grader_differs = max(grader_differs, len(differing))
         examples += differing[:5]
-        runs.append({**timed["stats"], "grader_differs_from_reference": len(differing)})
+        runs.append({**timed["stats"], "grader_differs_from_reference": len(differing),
+                     "two_process_speedup": speedup})
         print(f"run {run + 1}: " + ", ".join(f"{k} {v}" for k, v in runs[-1].items()), flush=True)
 
+    probe.shutdown()
     result = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), **versions()},
@@ -321,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reference_items_per_s": round(len(completions) / reference_s, 1),
         "runs": runs,
         "median": {key: round(statistics.median(run[key] for run in runs), 2)
-                   for key in ("plain_items_per_s", "grader_items_per_s", "ratio")},
+                   for key in ("plain_items_per_s", "grader_items_per_s", "ratio", "two_process_speedup")},
         "grader_differs_from_reference": grader_differs,
         "grader_differences": examples[:10],
         "reference_none": reference.count(None),
@@ -330,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(Path(args.out), result)
     median = result["median"]
     print(f"median of {len(runs)} runs: plain {median['plain_items_per_s']} items/s, grader "
-          f"{median['grader_items_per_s']} items/s, ratio {median['ratio']}x; grader differs from "
+          f"{median['grader_items_per_s']} items/s, ratio {median['ratio']}x (two processes ran "
+          f"{median['two_process_speedup']}x as fast as one); grader differs from "
           f"grade_one on {grader_differs} items; plain math-verify differs on "
           f"{result['plain_differs_from_reference']['count']} "
           f"{result['plain_differs_from_reference']['by_reason']}")

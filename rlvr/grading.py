@@ -55,7 +55,9 @@ go), so that input costs one math-verify timeout and no kill unless timeout_s is
 
 Memory. A Grader remembers the grades the pool gave for up to `memo_size` distinct (answer, gold)
 pairs, and which golds parse, least recently used forgotten first; a forgotten pair is graded
-again, so the limit bounds memory and never changes a grade.
+again, so the limit bounds memory and never changes a grade. Each process that grades also keeps
+its last 4,096 parses (a parse is deterministic; one that ran out of time is not kept), and the pool
+sends a gold's completions to the worker that parsed it when it can.
 
 What is covered: `\\boxed{...}` with nested and escaped braces, `\\boxed 5`, `\\fbox{...}`;
 everything math-verify's LaTeX and expression parsers accept (fractions, decimals, thousands
@@ -102,6 +104,9 @@ _MAX_STARTUP_FAILURES = 3
 # Distinct (answer, gold) grades a Grader remembers by default (least recently used go first):
 # ~100 bytes each, so about 20 MB at most.
 MEMO_SIZE = 200_000
+# Pending items a free worker looks through for one with a gold it has parsed (see Grader._take);
+# a bound keeps a call with thousands of items (prepare's parseable) linear.
+_LOOK_AHEAD = 32
 # How long terminate() gets before kill(), and close() gets before terminate().
 _EXIT_GRACE_S = 1.0
 
@@ -162,7 +167,9 @@ _TEXT_COMMAND = re.compile(
     r"\\(?:text|textrm|textbf|textit|textnormal|textsf|texttt|mathrm|mathit|mathbf|mathsf|mathtt|mbox"
     r"|operatorname)\s*(?=\{)"
 )
-_MANTISSA = r"(?:\d+(?:\.\d*)?|\.\d+)"
+# ASCII digits only (Python's \d also matches other scripts' digits, which math-verify does not read),
+# and at most 100 of them: int() refuses numbers over 4,300 digits, and no real answer comes close.
+_MANTISSA = r"(?:[0-9]{1,100}(?:\.[0-9]{0,100})?|\.[0-9]{1,100})"
 # A number starts a token: not inside a word or identifier (`x2e3`), not after a decimal point, a
 # command, a sub- or superscript (`2^3 \times 10^2` is not 2^300) or a thousands comma (`1,500e3`).
 _NUMBER_START = r"(?<![\w.\\^_])(?<!\d,)"
@@ -170,21 +177,21 @@ _NUMBER_START = r"(?<![\w.\\^_])(?<!\d,)"
 _NUMBER_END = r"(?!\s*[\^_!])"
 _TIMES_TEN = re.compile(
     _NUMBER_START + rf"(?P<mantissa>{_MANTISSA})\s*\\(?:times|cdot)\s*10\s*\^\s*"
-    r"(?:\{\s*(?P<braced>[-+]?\s*\d+)\s*\}|(?P<digit>\d)(?!\d))" + _NUMBER_END
+    r"(?:\{\s*(?P<braced>[-+]?\s*[0-9]{1,6})\s*\}|(?P<digit>[0-9])(?!\d))" + _NUMBER_END
 )
 # `4.5e33`, `6.0E-3`: the exponent follows the e at once; `3e - 5` and `2e^{x}` stay Euler's number.
 _E_NOTATION = re.compile(
-    _NUMBER_START + rf"(?P<mantissa>{_MANTISSA})[eE](?P<exponent>[-+]?\d+)(?!\w|\.\d)" + _NUMBER_END
+    _NUMBER_START + rf"(?P<mantissa>{_MANTISSA})[eE](?P<exponent>[-+]?[0-9]{{1,6}})(?!\w|\.\d)" + _NUMBER_END
 )
 # A decimal below 10^-6: math-verify rounds decimals to 6 places, which would make every such
 # number equal to every other (0.00000016 = 0.0000016 = 0).
 _TINY_DECIMAL = re.compile(
-    _NUMBER_START + r"0*\.(?P<zeros>0{6,})(?P<digits>[1-9]\d*)(?![\w.])" + _NUMBER_END
+    _NUMBER_START + r"0{0,100}\.(?P<zeros>0{6,100})(?P<digits>[1-9][0-9]{0,100})(?![\w.])" + _NUMBER_END
 )
 # A percent sign after a number is a unit and is dropped: `50\%`, `50%`, `50 percent`,
 # `50\text{ pct}` all read 50 (see the module docstring for why not 0.5).
 _PERCENT = re.compile(
-    r"(?<=[\d}.])\s*(?:\\?%|(?:percentage|percent|pct)\b"
+    r"(?<=[0-9}.])\s*(?:\\?%|(?:percentage|percent|pct)\b"
     r"|\\(?:text|textrm|mathrm|mbox)\s*\{\s*(?:\\?%|percentage|percent|pct)\s*\})"
 )
 # Powers of ten written out in full up to this size (a 301-digit integer is cheap for SymPy);
@@ -296,11 +303,11 @@ def same_written_form(answer: str, gold: str) -> bool:
 # fraction of two integers (`\frac{1}{2}`, `\dfrac12`, `1/2`, `\frac{-1}{2}`).
 _PLAIN_NUMBER = re.compile(
     r"(?P<sign>-?)(?:"
-    r"(?P<int>[1-9]\d{0,2}(?:,\d{3})+|\d+)(?P<point>\.(?P<decimals>\d*))?"
-    r"|\.(?P<lone_decimals>\d+)"
-    r"|\\[dt]?frac\{(?P<num>-?\d+)\}\{(?P<den>\d+)\}"
-    r"|\\[dt]?frac(?P<num_digit>\d)(?P<den_digit>\d)"
-    r"|(?P<slash_num>\d+)/(?P<slash_den>\d+)"
+    r"(?P<int>[1-9][0-9]{0,2}(?:,[0-9]{3})+|[0-9]+)(?P<point>\.(?P<decimals>[0-9]*))?"
+    r"|\.(?P<lone_decimals>[0-9]+)"
+    r"|\\[dt]?frac\{(?P<num>-?[0-9]+)\}\{(?P<den>[0-9]+)\}"
+    r"|\\[dt]?frac(?P<num_digit>[0-9])(?P<den_digit>[0-9])"
+    r"|(?P<slash_num>[0-9]+)/(?P<slash_den>[0-9]+)"
     r")"
 )
 # Longest answer the fast paths read; longer ones go to math-verify (bounds the work in the parent).
@@ -384,6 +391,13 @@ def _has_math(parsed: list) -> bool:
     return any(not isinstance(item, str) for item in parsed)
 
 
+# Parses of answer strings in this process (a grading worker, or the caller of grade_one), least
+# recently used dropped first: GRPO grades one gold against a whole group of completions, and
+# math-verify's LaTeX parser takes 10-50 ms on a string it has not seen (it keeps only the last 20).
+_PARSED_SIZE = 4096
+_parsed: OrderedDict[str, list] = OrderedDict()
+
+
 def _parse_answer(answer: str, timeout_s: float) -> tuple[list, bool]:
     """math-verify parse of a bare answer string -> (parsed, timed_out).
 
@@ -392,6 +406,18 @@ def _parse_answer(answer: str, timeout_s: float) -> tuple[list, bool]:
     match a gold string exactly; callers decide whether string-only results count.
     """
     answer = normalize_numbers(answer).strip()
+    if answer in _parsed:
+        _parsed.move_to_end(answer)
+        return _parsed[answer], False
+    parsed, timed_out = _parse_normalized(answer, timeout_s)
+    if not timed_out:  # a parse is deterministic unless it ran out of time
+        _parsed[answer] = parsed
+        if len(_parsed) > _PARSED_SIZE:
+            _parsed.popitem(last=False)
+    return parsed, timed_out
+
+
+def _parse_normalized(answer: str, timeout_s: float) -> tuple[list, bool]:
     if not answer:
         return [], False
     timed_out = False
@@ -502,6 +528,7 @@ class _Worker:
     ready: bool = False
     item: int | None = None
     deadline: float = math.inf
+    gold: str | None = None  # of the last item sent (see _take)
 
 
 def _stop(worker: _Worker, grace_s: float) -> None:
@@ -530,9 +557,13 @@ def _receive(worker: _Worker) -> object | None:
 class Grader:
     """grade_one / gold_is_parseable in a pool of worker processes with a hard per-item timeout.
 
-    Workers start on the first call and are reused by later calls (GRPO grades every step). Items
-    are handed to whichever worker is free, so `workers` items are graded at once; results come back
-    in input order. An item that runs past timeout_s (+0.5 s) has its worker killed and replaced and
+    Each distinct (answer, gold) pair of a call is graded once: from the memo (`memo_size` pairs,
+    least recently used forgotten first), by a fast path in this process (plain numbers, no box, a
+    copy of the gold; see the module docstring), or on the pool. Workers start on the first pool
+    call (or `start()`) and are reused by later calls (GRPO grades every step). Items are handed to
+    whichever worker is free, preferring one that has parsed the item's gold, so `workers` items are
+    graded at once; results come back in input order. `fast` counts pairs decided in this process
+    (once per call). An item that runs past timeout_s (+0.5 s) has its worker killed and replaced and
     scores 0.0 (grade) or False (parseable); so does an item whose worker dies. `timeouts` counts
     items that ran out of time, whether math-verify's alarm stopped them inside the worker or the
     worker had to be killed; `restarts` counts workers replaced after a kill or a crash.
@@ -552,7 +583,7 @@ class Grader:
         self.memo_size = memo_size
         self.timeouts = 0
         self.restarts = 0
-        # Distinct (answer, gold) pairs graded in the calling process, without the pool.
+        # Pairs graded in the calling process, without the pool (each distinct pair once per call).
         self.fast = 0
         # spawn, not fork: the parent may hold torch/tokenizer threads and locks that fork would copy.
         self._context = multiprocessing.get_context("spawn")
@@ -705,7 +736,7 @@ class Grader:
             while remaining:
                 for slot, worker in enumerate(self._workers):
                     if worker.ready and worker.item is None and pending:
-                        index = pending.popleft()
+                        index = self._take(pending, items, worker)
                         try:
                             worker.conn.send((task, items[index]))
                         except OSError:  # died while idle: the item never ran, so it goes back
@@ -713,6 +744,7 @@ class Grader:
                             self._replace(slot)
                             continue
                         worker.item = index
+                        worker.gold = items[index][-1]
                         worker.deadline = time.monotonic() + self.timeout_s + _KILL_MARGIN_S
                 remaining -= self._collect(results)
         finally:
@@ -723,6 +755,19 @@ class Grader:
                 _stop(worker, _EXIT_GRACE_S)
             self._workers = [worker for worker in self._workers if worker.item is None]
         return results  # type: ignore[return-value]
+
+    def _take(self, pending: deque, items: list[tuple], worker: _Worker) -> int:
+        """The next item for a free worker (items end with their gold): the first pending one with the
+        gold this worker graded last, else the first whose gold no busy worker has, else the oldest.
+        A gold's completions then mostly go to one worker, which parses the gold once (_parse_answer
+        remembers it) instead of every worker parsing it. Looks a bounded way ahead."""
+        window = list(itertools.islice(pending, _LOOK_AHEAD))
+        busy = {other.gold for other in self._workers if other.item is not None}
+        choice = next((i for i in window if items[i][-1] == worker.gold), None)
+        if choice is None:
+            choice = next((i for i in window if items[i][-1] not in busy), window[0])
+        pending.remove(choice)
+        return choice
 
     def _collect(self, results: list) -> int:
         """Wait for the next event (result, ready, death or deadline) and handle it; return items finished."""

@@ -31,6 +31,8 @@ wherever it has one:
 
 Private TRL methods this class still overrides, and why, are listed once in `TRL_HOOKS`;
 tests/test_trl_contract.py checks each against the installed TRL and names the hook it lost.
+(Sampling needs no override: with activation checkpointing off, as stages/train.py configures it,
+`generate` on the module in training mode measured as fast here as in eval mode, same samples.)
 What resume guarantees, and the kill points tested, are in docs/checkpoints.md.
 
 Not covered: resuming with different params (stages/train.py fingerprints them), and durability
@@ -59,6 +61,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from rlvr import gain_rl, prof
+from rlvr.config import TRAIN_ORDERS
 from rlvr.grading import Grader
 from rlvr.io import write_json
 
@@ -67,7 +70,6 @@ log = logging.getLogger(__name__)
 GAIN_RL_STATE = "gain_rl_state.json"
 COMPLETE = "checkpoint_complete.json"  # written last into every checkpoint folder
 REWARD_NAME = "accuracy"  # TRL names the reward column and its logged metrics after the function
-ORDERS = ("uniform", "length", "random", "gain_rl")
 # What `_generate_and_score_completions` must return for PROF and GAIN-RL to work on it.
 GENERATION_OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
                           "num_items_in_batch")
@@ -91,10 +93,6 @@ TRL_HOOKS = (
             "GAIN-RL replaces the step's prompts before generation and moves mu after grading; PROF rewrites "
             f"advantages, completion_mask and num_items_in_batch of its output (keys {GENERATION_OUTPUT_KEYS}). "
             "No public hook sits between grading and the loss."),
-    TrlHook("GRPOTrainer", "_generate_single_turn",
-            ("prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
-            "samples with the module in eval mode: generate on a module in training mode ran several times "
-            "slower on CPU (transformers 5.24)."),
     TrlHook("trl.trainer.utils", "nanstd", ("tensor", "dim", "keepdim"),
             "kept_advantages normalises with TRL's own std so PROF's advantages match TRL's."),
 )
@@ -189,8 +187,8 @@ def prompt_plan(order: str, ordering: Sequence[int], n_rows: int, prompts_per_st
     cycled to fill one step per epoch. `gain_rl` replaces every step's rows at generation time, so
     its plan is only a placeholder of the right length (the rows in file order).
     """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order not in TRAIN_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(TRAIN_ORDERS)}, got {order!r}")
     if n_rows < 1 or prompts_per_step < 1 or steps < 0:
         raise ValueError(f"prompt_plan needs rows, K >= 1 and steps >= 0, got {n_rows}, {prompts_per_step}, {steps}")
     k = prompts_per_step
@@ -313,8 +311,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
                  gain_rl_schedule: GainRLSchedule | None = None, prof_filter: ProfInLoop | None = None,
                  train_dataset=None, reward_funcs=None, **kwargs):
         config = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        if order not in TRAIN_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(TRAIN_ORDERS)}, got {order!r}")
         if order in ("length", "random") and not ordering:
             raise ValueError(f"order {order!r} needs the ordering of training rows")
         if order == "gain_rl" and gain_rl_schedule is None:
@@ -328,8 +326,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
             raise ValueError(f"RLVRGRPOTrainer needs GRPOConfig.max_steps >= 1 (its prompt plan covers exactly "
                              f"max_steps steps), got {config.max_steps}")
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        self.accuracy = next((f for f in funcs if isinstance(f, RewardFunction)), None)
-        if (prof_filter is not None or order == "gain_rl") and self.accuracy is None:
+        self.accuracy_reward = next((f for f in funcs if isinstance(f, RewardFunction)), None)
+        if (prof_filter is not None or order == "gain_rl") and self.accuracy_reward is None:
             raise ValueError(f"PROF and GAIN-RL need the {REWARD_NAME!r} reward (a RewardFunction) to tell "
                              "correct from incorrect rollouts")
         if prof_filter is not None and not all(isinstance(f, (RewardFunction, ProcessValueReward)) for f in funcs):
@@ -338,7 +336,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         self.order = order
         self.gain_rl_schedule = gain_rl_schedule
         self.prof_filter = prof_filter
-        self.recorded_rewards = funcs
+        self.reward_functions = funcs  # TRL's order: the columns of its rewards and of reward_weights
         self.prompt_rows = train_dataset  # GAIN-RL draws from the training set itself, not from the plan
         self.curation_metrics: dict[str, list[float]] = defaultdict(list)
         steps = -(-config.max_steps * config.gradient_accumulation_steps
@@ -387,46 +385,16 @@ class RLVRGRPOTrainer(GRPOTrainer):
         if missing:
             raise RuntimeError(f"trl GRPOTrainer._generate_and_score_completions no longer returns {missing}; "
                                "rlvr.grpo needs them (see TRL_HOOKS and tests/test_trl_contract.py)")
-        if training and (self.order == "gain_rl" or self.prof_filter is not None):
-            rewards = self._gathered_rewards()
-            if self.order == "gain_rl":
-                self._gain_rl_step(output, rewards[:, 0])
-            if self.prof_filter is not None:
-                completions = gather_object(list(self.accuracy.latest_texts))
-                problems = gather_object([row["problem"] for row in inputs])
-                self._prof_step(output, problems, completions, rewards)
+        if training and self.order == "gain_rl":
+            self._gain_rl_step(output, _gathered(self.accuracy_reward))
+        if training and self.prof_filter is not None:
+            rewards = torch.stack([_gathered(f) for f in self.reward_functions], dim=1)
+            completions = gather_object(list(self.accuracy_reward.latest_texts))
+            problems = gather_object([row["problem"] for row in inputs])
+            self._prof_step(output, problems, completions, rewards)
         return output
 
-    def _generate_single_turn(self, *args, **kwargs):
-        """Sample with the module in eval mode, then restore training mode.
-
-        Measured here with transformers 5.24 on CPU: `generate` on a module left in training mode ran
-        several times slower for the same batch (no effect on what is sampled: dropout is 0 in
-        Qwen2, and any dropout would be wrong at sampling time anyway).
-        """
-        module = self.accelerator.unwrap_model(self.model)
-        was_training = module.training
-        module.eval()
-        try:
-            return super()._generate_single_turn(*args, **kwargs)
-        finally:
-            module.train(was_training)
-
     # ---- curation -----------------------------------------------------------------------------
-
-    def _gathered_rewards(self) -> torch.Tensor:
-        """This step's rewards over every process: one row per rollout, the accuracy column first, then
-        the other reward functions in order (NaN where a function returned None)."""
-        funcs = [self.accuracy] + [f for f in self.recorded_rewards if f is not self.accuracy]
-        columns = [gather_object([math.nan if r is None else float(r) for r in f.latest]) for f in funcs]
-        return torch.tensor(columns, dtype=torch.float32).T
-
-    def _reward_weights(self) -> torch.Tensor:
-        """GRPOConfig.reward_weights in the column order of `_gathered_rewards`."""
-        weights = self.args.reward_weights or [1.0] * len(self.recorded_rewards)
-        by_func = dict(zip(map(id, self.recorded_rewards), weights))
-        funcs = [self.accuracy] + [f for f in self.recorded_rewards if f is not self.accuracy]
-        return torch.tensor([by_func[id(f)] for f in funcs], dtype=torch.float32)
 
     def _gain_rl_inputs(self, local_inputs: list[dict]) -> list[dict]:
         """Replace the data loader's rows with the K prompts GAIN-RL draws now, grouped for TRL."""
@@ -439,11 +407,13 @@ class RLVRGRPOTrainer(GRPOTrainer):
     def _prof_step(self, output: dict, problems: list[str], completions: list[str], rewards: torch.Tensor) -> None:
         """PROF on this step's groups (gathered over processes); rewrites this process's part of `output`.
 
-        `rewards` has one row per rollout and the accuracy reward in column 0 (`_gathered_rewards`).
+        `rewards` has one row per rollout and one column per reward function, in `reward_functions` order.
         """
-        correct = (rewards[:, 0] >= 1.0).tolist()
+        accuracy = rewards[:, self.reward_functions.index(self.accuracy_reward)]
+        correct = (accuracy >= 1.0).tolist()
         kept, values = self.prof_filter.decide(problems, completions, correct, self.args.num_generations)
-        total = (rewards * self._reward_weights().unsqueeze(0)).nansum(dim=1)
+        weights = torch.tensor(self.args.reward_weights or [1.0] * len(self.reward_functions), dtype=torch.float32)
+        total = (rewards * weights.unsqueeze(0)).nansum(dim=1)
         total[torch.isnan(rewards).all(dim=1)] = float("nan")
         kept_all = torch.tensor(kept)
         advantages = kept_advantages(total, kept_all, self.args.num_generations, self.args.scale_rewards)
@@ -482,6 +452,12 @@ class RLVRGRPOTrainer(GRPOTrainer):
         delta = self.gain_rl_schedule.update(acc, ang)
         for name, value in (("mu", self.gain_rl_schedule.sampler.mu), ("delta", delta), ("acc", acc), ("ang", ang)):
             self._record(f"gain_rl/{name}", value)
+
+
+def _gathered(reward: RewardFunction | ProcessValueReward) -> torch.Tensor:
+    """A reward function's latest values over every process, in TRL's order (NaN where it gave None)."""
+    return torch.tensor(gather_object([math.nan if r is None else float(r) for r in reward.latest]),
+                        dtype=torch.float32)
 
 
 class MlflowStepMetrics(TrainerCallback):

@@ -2,8 +2,9 @@
 
 The reward is the shared grader (1.0 / 0.0, None for an unparseable gold answer). `train.order`
 picks which prompts each step sees: `gain_rl` (GAIN-RL dynamic sampling over the `score` ranking),
-`length` (shortest question first), `random` (a seeded fixed permutation) or `uniform` (TRL's
-default reshuffling), so `dvc exp run -S train.order=length` compares them at equal budget.
+`length` (shortest question first), `random` (a seeded fixed permutation) or `uniform` (a fresh
+seeded permutation every pass, the ones TRL's sampler draws), so `dvc exp run -S train.order=length`
+compares them at equal budget.
 
 Checkpoints go to models/checkpoints (a `persist: true` output, so DVC does not delete them before a
 rerun) every `train.save_steps` and at the last step. Each is complete only once its marker is written

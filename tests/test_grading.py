@@ -572,3 +572,15 @@ def test_what_tex_draws_differently_is_not_the_same_written_form(answer, gold):
 
 def test_the_written_form_of_an_unparseable_gold_grades_none():
     assert grade_one(r"\boxed{\sin^2  t}", r"\sin^2 t") is None
+
+
+def test_huge_or_foreign_numbers_are_left_to_math_verify_without_errors():
+    # int() refuses more than 4,300 digits, and \d also matches other scripts' digits ("٣" is 3 to
+    # Python, not to math-verify): neither may reach the fast paths or crash normalize_numbers.
+    huge = "9" * 5000
+    for text in (f"1e{huge}", f"{huge}e5", f"0.{'0' * 5000}1", huge):
+        assert normalize_numbers(text) == text
+        assert _number_grade(text, "5") is None
+    assert _number_grade("٣", "3") is None
+    assert grade_one(rf"\boxed{{{huge}}}", "5") == 0.0
+    assert normalize_numbers("1e999999") == r"1 \times 10^{999999}"  # exact, not written out

@@ -6,9 +6,9 @@ process is then killed with SIGKILL, or reached from inside: the child runs the 
 own process, which is a kill in the middle of writing an output. After each kill the plain command
 is rerun with no manual cleanup; the test checks what it reused, that its results equal those of an
 uninterrupted run (timings aside) and that no temporary file is left. docs/failures.md lists the
-kill points and what each rerun did.
+kill points and what each rerun did. A fast test kills a process inside rlvr/io.py's atomic writes.
 
-Not covered here: kills inside `train` (tests/test_train.py), and DVC's own bookkeeping (a kill
+Not covered here: kills inside `train` (tests/test_train_kill.py), and DVC's own bookkeeping (a kill
 between the stage's last write and DVC's dvc.lock update; see docs/failures.md).
 """
 
@@ -27,10 +27,9 @@ import pytest
 import yaml
 
 from rlvr import config, models
+from rlvr.io import remove_orphans, write_json, write_text
 from stages import evaluate, prepare, rollout
 from tests.conftest import ROOT, small_params_dict
-
-pytestmark = pytest.mark.slow
 
 TIMINGS = {"seconds", "grade_seconds", "samples_per_second"}
 ROLLOUT_CHUNKS = 8  # 40 prompts in chunks of 5
@@ -153,6 +152,45 @@ def _chunk_files(cache: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("*.parquet")}
 
 
+# Writes `old` atomically, then starts rewriting file FILE and folder DIR with new content and
+# SIGKILLs itself half-way through each (first the file, in a second process the folder).
+KILL_INSIDE_ATOMIC = """
+import os, signal, sys
+from pathlib import Path
+from rlvr.io import atomic_dir, atomic_path
+kind, target = sys.argv[1], Path(sys.argv[2])
+with (atomic_path if kind == "file" else atomic_dir)(target) as tmp:
+    if kind == "file":
+        tmp.write_text("half of the new")
+    else:
+        (tmp / "part.txt").write_text("half of the new")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_atomic_write_keeps_the_old_output_and_the_next_write_cleans_up(tmp_path):
+    file, folder = tmp_path / "metrics.json", tmp_path / "evaluated"
+    write_text(file, "old")
+    (folder).mkdir()
+    (folder / "old.txt").write_text("old")
+    for kind, target in (("file", file), ("dir", folder)):
+        proc = subprocess.run([sys.executable, "-c", KILL_INSIDE_ATOMIC, kind, str(target)], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert file.read_text() == "old" and [p.name for p in folder.iterdir()] == ["old.txt"]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert len(left) == 2 and left[0].startswith(".evaluated.") and left[1].startswith(".metrics.json.")
+
+    # a temporary file of a writer that still runs (this test's process) is not touched
+    running = tmp_path / f".metrics.json.{os.getpid()}.abc123.tmp"
+    running.write_text("being written")
+    write_json(file, {"new": 1})
+    assert json.loads(file.read_text()) == {"new": 1}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [left[0], running.name]
+    assert remove_orphans(tmp_path) == 1 and running.exists()  # the folder's leftover; ours stays
+
+
+@pytest.mark.slow
 def test_killed_rollouts_resume_from_finished_chunks_and_match_an_uninterrupted_run(workspace, tmp_path):
     cache = workspace / "data/rollout_cache"
 
@@ -196,6 +234,7 @@ def _same_frames(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None
         pd.testing.assert_frame_equal(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_killed_evaluations_leave_the_last_results_and_the_rerun_reproduces_them(workspace):
     metrics_file = workspace / "metrics/eval.json"
     evaluate.main(config.from_dict(_raw()))  # the uninterrupted run: the last good results

@@ -48,7 +48,7 @@ def test_every_private_trl_method_the_trainer_overrides_is_listed():
         f"or TRL_HOOKS lists {sorted(listed - overridden)} it no longer overrides")
 
 
-def test_trl_config_has_the_fields_the_trainer_sets(tmp_path):
+def test_trl_config_has_the_fields_the_trainer_sets():
     fields = ("shuffle_dataset", "steps_per_generation", "num_iterations", "generation_batch_size",
               "reward_weights", "scale_rewards", "num_generations")
     missing = [f for f in fields if f not in GRPOConfig.__dataclass_fields__]
