@@ -14,7 +14,7 @@ Difficulty is set by the number of operations and the number of digits per opera
 deterministic given the seed. Prompts and solutions are deliberately terse: the built-in model is a
 character-level transformer, so CPU time grows with every character.
 
-`check_steps` is an exact process reward model for this task: it says which steps of a completion
+`check_step_list` is an exact process reward model for this task: it says which steps of a completion
 are right (arithmetically true *and* the next step of this problem's chain), which PROF uses.
 
 Not covered: multiplication/division and operator precedence (left-to-right +/- needs none).
@@ -140,18 +140,15 @@ def split_steps(text: str) -> list[str]:
     return steps or [text.strip()]
 
 
-def check_steps(problem: str, completion: str) -> list[bool]:
-    """Which steps of `completion` are right for `problem` (one bool per `split_steps` block).
+
+def check_step_list(problem: str, steps: list[str]) -> list[bool]:
+    """Which of `steps` (a completion split by `split_steps`) are right for `problem`.
 
     Step i < n_ops is right iff it reads ``left op b=result`` with `left` the correct running
     value, `op`/`b` the problem's i-th operation and `result` correct. The step after the last
     operation is right iff it is ``\\boxed{answer}``. Any further step is wrong (the chain is over).
+    Raises ValueError for a problem of another kind.
     """
-    return check_step_list(problem, split_steps(completion))
-
-
-def check_step_list(problem: str, steps: list[str]) -> list[bool]:
-    """`check_steps` on steps already split (raises ValueError for a problem of another kind)."""
     chain = parse_problem(problem)
     expected = []
     left = chain.operands[0]

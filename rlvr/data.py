@@ -13,7 +13,7 @@ data sets) is normalised to one pandas frame with the columns in `SCHEMA`:
               plus "row", the record position in the source
     solution  str, a worked solution when the source has one, else ""
 
-Reading (`read_records`, `get_field`) and the per-source quirks (`PRESETS`) are pure functions that
+Reading (`read_located`, `get_field`) and the per-source quirks (`PRESETS`) are pure functions that
 raise `DataError` naming the file, the line or record, and the field. The curation steps
 (`drop_unparseable`, `deduplicate`, `decontaminate`) return the cleaned frame and what they removed,
 so the prepare stage can put the counts in its metrics.
@@ -56,13 +56,9 @@ class DataError(RlvrError, ValueError):
 # Reading records
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Read every record of a `.jsonl`, `.json` (array of objects) or `.parquet` file."""
-    return [record for _, record in _read_located(Path(path))]
-
-
-def _read_located(path: Path) -> list[tuple[str, dict]]:
-    """Records paired with their location ("line 3", "record 3"), both 1-based, for error messages."""
+def read_located(path: Path) -> list[tuple[str, dict]]:
+    """Every record of a `.jsonl`, `.json` (array of objects) or `.parquet` file, paired with its
+    location ("line 3", "record 3"; 1-based) for error messages."""
     if path.suffix not in SUPPORTED_SUFFIXES:
         raise DataError(
             f"{path}: unsupported file type {path.suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
@@ -387,7 +383,7 @@ def load_file(
     path = Path(path)
     _preset_function(preset, problem_field, answer_field, solution_field)  # fail before reading
     _check_answer_from(answer_from)
-    located = [(f"{path} {where}", record) for where, record in _read_located(path)]
+    located = [(f"{path} {where}", record) for where, record in read_located(path)]
     return normalize_records(located, name, preset, problem_field, answer_field, solution_field, limit, answer_from)
 
 
@@ -485,7 +481,7 @@ def word_tokens(text: str) -> list[str]:
     return text.lower().split()
 
 
-def _gram_sequence(tokens: list[str], n: int) -> Iterator[tuple[str, ...]]:
+def gram_sequence(tokens: list[str], n: int) -> Iterator[tuple[str, ...]]:
     """n-grams in text order; a text shorter than n is one gram (its whole token tuple)."""
     if n < 1:
         raise DataError(f"n-gram size must be >= 1, found {n}")
@@ -496,11 +492,6 @@ def _gram_sequence(tokens: list[str], n: int) -> Iterator[tuple[str, ...]]:
         return
     for start in range(len(tokens) - n + 1):
         yield tuple(tokens[start:start + n])
-
-
-def ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
-    """The set of word n-grams; fewer than n tokens -> {whole token tuple}, so short exact copies match."""
-    return set(_gram_sequence(tokens, n))
 
 
 MAX_EXAMPLES = 5  # examples per eval set in the report: enough to judge a hit, small enough to read
@@ -522,14 +513,14 @@ def decontaminate(
     for eval_name, frame in evals.items():
         grams: dict[tuple[str, ...], str] = {}
         for eval_id, problem in zip(frame["id"].tolist(), frame["problem"].tolist()):
-            for gram in _gram_sequence(word_tokens(problem), n):
+            for gram in gram_sequence(word_tokens(problem), n):
                 grams.setdefault(gram, eval_id)
         index[eval_name] = grams
 
     per_eval = {name: {"n_eval": len(evals[name]), "n_flagged": 0, "examples": []} for name in index}
     contaminated = []
     for train_id, problem in zip(train["id"].tolist(), train["problem"].tolist()):
-        sequence = list(_gram_sequence(word_tokens(problem), n))
+        sequence = list(gram_sequence(word_tokens(problem), n))
         hit = False
         for eval_name, table in index.items():
             # First shared gram in text order (deterministic examples); one hash lookup per gram.

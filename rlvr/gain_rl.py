@@ -90,10 +90,18 @@ def render_for_angles(
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
-def _encode_with_segments(
+def encode_with_segments(
     tokenizer: PreTrainedTokenizerBase, text: str, question: str
 ) -> tuple[list[int], int, int]:
-    """Token ids of `text` and the token range [q_start, q_end) of the last occurrence of `question`."""
+    """Token ids of `text` and the question's token range [q_start, q_end) inside it.
+
+    P = tokens [0, q_start): everything before the question (system prompt, one-shot exchange, the
+    role header of the final user turn). Q = tokens [q_start, q_end): the tokens overlapping the
+    question's characters at its LAST occurrence in `text` (the final user turn). Tokens from q_end on
+    (end of turn, generation prompt) are excluded. Ids are `tokenizer(text, add_special_tokens=False)`.
+    Raises ValueError for a slow tokenizer, an empty question or a question that the template did not
+    reproduce verbatim.
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"segments need a fast tokenizer (offset mapping); got {type(tokenizer).__name__}. "
@@ -118,18 +126,6 @@ def _encode_with_segments(
     return list(encoding["input_ids"]), inside[0], inside[-1] + 1
 
 
-def segments(tokenizer: PreTrainedTokenizerBase, text: str, question: str) -> tuple[int, int, int]:
-    """Token boundaries (p_end, q_start, q_end) of `question` inside the rendered `text`.
-
-    P = tokens [0, p_end) with p_end == q_start: everything before the question (system prompt,
-    one-shot exchange, the role header of the final user turn). Q = tokens [q_start, q_end): the
-    tokens overlapping the question's characters at its LAST occurrence in `text` (the final user
-    turn). Tokens from q_end on (end of turn, generation prompt) are excluded. Indices refer to
-    `tokenizer(text, add_special_tokens=False)`. Raises ValueError for a slow tokenizer, an empty
-    question or a question that the template did not reproduce verbatim.
-    """
-    _, q_start, q_end = _encode_with_segments(tokenizer, text, question)
-    return q_start, q_start, q_end
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +276,7 @@ def score_prompts(
         if not question:
             continue  # no Q tokens: ranked last, valid = False
         text = render_for_angles(tokenizer, question, system, one_shot)
-        encoded[row] = _encode_with_segments(tokenizer, text, question)
+        encoded[row] = encode_with_segments(tokenizer, text, question)
         question_length[row] = encoded[row][2] - encoded[row][1]
 
     by_length = sorted(encoded, key=lambda row: (len(encoded[row][0]), row))
@@ -451,11 +447,6 @@ class GaussianSampler:
         z = (np.arange(self.n_items, dtype=np.float64) - center) / self.sigma
         log_w = -0.5 * z * z
         return log_w - log_w.max()
-
-    def weights(self) -> np.ndarray:
-        """Probabilities over positions 0..N-1 (sum 1)."""
-        w = np.exp(self._log_weights())
-        return w / w.sum()
 
     def draw(self, k: int) -> np.ndarray:
         """min(k, N) distinct positions drawn without replacement with the current weights, ascending.

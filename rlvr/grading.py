@@ -3,16 +3,18 @@
 A completion is graded by taking the content of its last `\\boxed{...}` (`extract_boxed`) and asking
 math-verify whether it is equivalent to the gold answer, `verify(gold, pred)` with the gold first
 (math-verify is asymmetric: gold `1 < x < 2` accepts the prediction `(1, 2)`, not the other way round).
-A prediction identical to the gold (after stripping spaces at the ends) is correct without asking.
+A prediction written the same way as the gold (`same_written_form`: `\\dfrac` is `\\frac`, `\\left(` is
+`(`, spaces TeX ignores do not count) is correct without asking.
 
 Both strings go through `_parse_answer`: `normalize_numbers` (below), strip, wrap as `$...$` and
 parse; if that gives no SymPy object, wrap as `\\boxed{...}` and parse again. Bare strings are not
 parsed as they are, because math-verify then looks for a plain expression and reads
 `\\left( 3, \\frac{\\pi}{2} \\right)` as `3` and `[-2, 7]` as `7`. `$...$` is tried first because
 `\\boxed{40\\%}` parses to no number at all; `\\boxed{...}` is the second try because it rescues golds
-with a trailing full stop (`-\\frac{5}{3}.`). Of the 10,600 gold answers in data/sources (MATH train,
-DeepScaleR, MATH500, GSM8K, AIME, AMC) the chain leaves 10 unparseable (e.g. `\\sin^2 t`, `\\div`,
-empty strings); `$...$` alone leaves 12, `\\boxed{...}` alone 58 and the bare string 887.
+with a trailing full stop (`-\\frac{5}{3}.`). Of the 10,602 gold answers in data/sources (MATH train,
+DeepScaleR, MATH500, GSM8K test, AIME, AMC) the chain leaves 12 unparseable (6 empty strings,
+`\\sin^2 t`, `\\div`, `\\dfrac{1}{29,\\!322,\\!216}`, ...); `$...$` alone leaves 14, `\\boxed{...}` alone
+16 and the bare string 889 (all after normalize_numbers).
 
 A gold answer is parseable when math-verify turns it into at least one SymPy object. A parse that
 only yields math-verify's raw-string fallback does not count: for `\\sin^2 t` that fallback is the

@@ -73,11 +73,11 @@ def pass_at_k_per_problem(correct: np.ndarray, k: int) -> np.ndarray:
     n = matrix.shape[1]
     k = _check_k(k, n)
     c = matrix.sum(axis=1)
-    i = np.arange(1, n + 1)
-    # Row p multiplies (1 - k/i) over i in (n - c_p, n]; other positions contribute a factor of 1.
-    in_product = i[None, :] > (n - c)[:, None]
-    factors = np.where(in_product, 1.0 - k / i[None, :], 1.0)
-    return 1.0 - np.prod(factors, axis=1)
+    # A row's pass@k depends only on its count c, which takes at most n + 1 values: one scalar
+    # estimate per distinct count, looked up per row.
+    counts, rows = np.unique(c, return_inverse=True)
+    per_count = np.array([pass_at_k(n, int(count), k) for count in counts], dtype=np.float64)
+    return per_count[rows]
 
 
 def bootstrap_ci(

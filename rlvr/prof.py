@@ -56,10 +56,6 @@ class GroupDecision:
     kept: list[bool]
     reasons: list[str]
 
-    @property
-    def n_kept(self) -> int:
-        return sum(self.kept)
-
 
 def removal_split(n_correct: int, n_incorrect: int, k: int) -> tuple[int, int]:
     """How many correct and incorrect responses to remove from a group (the PROF rule above)."""
@@ -111,11 +107,6 @@ def process_value(step_scores: Sequence[float], max_steps: int) -> float:
     if not scores or any(math.isnan(s) for s in scores):
         return float("nan")
     return float(np.mean(scores))
-
-
-def blend_reward(outcome: float, value: float, weight: float = 0.8) -> float:
-    """The paper's baseline reward: outcome + weight x process value (a NaN value adds nothing)."""
-    return outcome + (0.0 if math.isnan(value) else weight * value)
 
 
 # ---------------------------------------------------------------------------------------------

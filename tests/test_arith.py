@@ -36,7 +36,7 @@ def test_difficulty_params_are_respected():
 def test_worked_solutions_grade_correct_and_all_steps_right():
     for r in arith.generate(100, seed=1, split="train", min_ops=1, max_ops=3, min_digits=1, max_digits=2):
         assert grade_one(r["solution"], r["answer"]) == 1.0
-        assert all(arith.check_steps(r["problem"], r["solution"]))
+        assert all(arith.check_step_list(r["problem"], arith.split_steps(r["solution"])))
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_worked_solutions_grade_correct_and_all_steps_right():
     ],
 )
 def test_check_steps(completion, expected):
-    assert arith.check_steps("Compute 37+12-8.", completion) == expected
+    assert arith.check_step_list("Compute 37+12-8.", arith.split_steps(completion)) == expected
 
 
 def test_split_steps():

@@ -65,6 +65,7 @@ def test_training_golds_grade_as_their_own_boxed_answer_or_are_unparseable(name,
     assert scores == [1.0] * len(kept)
 
 
+@pytest.mark.slow
 def test_grader_benchmark_smoke_run_has_no_differing_grades(tmp_path):
     # benchmarks/grader.py on 2 golds per source: every Grader grade must equal grade_one's. A long
     # per-item limit, so that a loaded machine cannot turn a slow item into a one-sided timeout.
@@ -75,7 +76,8 @@ def test_grader_benchmark_smoke_run_has_no_differing_grades(tmp_path):
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["golds"] == {name: 2 for name in BENCHMARKS}
-    assert report["items"] == 6 * 10 and report["grader_differs_from_reference"] == 0
+    # five or six completions per gold (a non-numeric gold may have only one safe re-spelling)
+    assert 5 * 10 <= report["items"] <= 6 * 10 and report["grader_differs_from_reference"] == 0
     assert 0 < report["runs"][0]["pairs_in_process"] < report["distinct_pairs"]
     # plain math-verify reads an answer that is not boxed (grade_one gives no credit without a box)
     assert report["plain_differs_from_reference"]["by_reason"]["no box: plain math-verify reads the answer from the text"] > 0

@@ -30,6 +30,14 @@ REAL = {
 
 
 @functools.cache
+def read_records(path) -> list[dict]:
+    return [record for _, record in data.read_located(Path(path))]
+
+
+def ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
+    return set(data.gram_sequence(tokens, n))
+
+
 def real_frame(name: str) -> pd.DataFrame:
     path, preset, _ = REAL[name]
     return data.load_file(SOURCES / path, name, preset)
@@ -37,7 +45,7 @@ def real_frame(name: str) -> pd.DataFrame:
 
 @functools.cache
 def raw_records(name: str) -> list[dict]:
-    return data.read_records(SOURCES / REAL[name][0])
+    return read_records(SOURCES / REAL[name][0])
 
 
 def frame_of(problems: list[str], prefix: str = "t") -> pd.DataFrame:
@@ -181,16 +189,16 @@ def write(path: Path, text: str) -> bytes:
 def test_jsonl_blank_lines_skipped_and_json_array_read(tmp_path):
     jsonl = tmp_path / "a.jsonl"
     write(jsonl, '{"q": "x", "a": 1}\n\n  \n{"q": "y", "a": 2}\n')
-    assert data.read_records(jsonl) == [{"q": "x", "a": 1}, {"q": "y", "a": 2}]
+    assert read_records(jsonl) == [{"q": "x", "a": 1}, {"q": "y", "a": 2}]
     array = tmp_path / "a.json"
     write(array, json.dumps([{"q": "x"}, {"q": "y"}]))
-    assert data.read_records(array) == [{"q": "x"}, {"q": "y"}]
+    assert read_records(array) == [{"q": "x"}, {"q": "y"}]
 
 
 def test_parquet_nested_fields_come_back_as_python(tmp_path):
     path = tmp_path / "n.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": [{"content": "2+2?", "role": "user"}], "rm": {"gt": "4"}}]), path)
-    records = data.read_records(path)
+    records = read_records(path)
     assert records == [{"prompt": [{"content": "2+2?", "role": "user"}], "rm": {"gt": "4"}}]
     frame = data.load_file(path, "n", "generic", problem_field="prompt[0].content", answer_field="rm.gt")
     assert frame[["problem", "answer", "solution"]].values.tolist() == [["2+2?", "4", ""]]
@@ -208,7 +216,7 @@ def test_jsonl_line_that_is_not_an_object(tmp_path):
     path = tmp_path / "list.jsonl"
     before = write(path, '{"a": 1}\n[1, 2]\n')
     with pytest.raises(DataError, match=r"list\.jsonl: line 2: expected a JSON object, found list"):
-        data.read_records(path)
+        read_records(path)
     assert path.read_bytes() == before
 
 
@@ -216,7 +224,7 @@ def test_json_that_is_not_an_array(tmp_path):
     path = tmp_path / "obj.json"
     before = write(path, '{"data": [{"a": 1}]}')
     with pytest.raises(DataError, match=r"obj\.json: expected a JSON array of objects, found a dict"):
-        data.read_records(path)
+        read_records(path)
     assert path.read_bytes() == before
 
 
@@ -233,7 +241,7 @@ def test_empty_parquet_is_an_error(tmp_path):
     path = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"problem": pa.array([], pa.string())}), path)
     with pytest.raises(DataError, match=r"empty\.parquet: no records"):
-        data.read_records(path)
+        read_records(path)
 
 
 def test_missing_field_names_field_file_and_line(tmp_path):
@@ -516,10 +524,10 @@ def test_word_tokens_are_whitespace_words():
 
 def test_ngrams():
     tokens = ["a", "b", "c", "d"]
-    assert data.ngrams(tokens, 2) == {("a", "b"), ("b", "c"), ("c", "d")}
-    assert data.ngrams(tokens, 4) == {("a", "b", "c", "d")}
-    assert data.ngrams(tokens, 13) == {("a", "b", "c", "d")}  # short text: the whole tuple is one gram
-    assert data.ngrams([], 3) == set()
+    assert ngrams(tokens, 2) == {("a", "b"), ("b", "c"), ("c", "d")}
+    assert ngrams(tokens, 4) == {("a", "b", "c", "d")}
+    assert ngrams(tokens, 13) == {("a", "b", "c", "d")}  # short text: the whole tuple is one gram
+    assert ngrams([], 3) == set()
 
 
 WORDS = [f"w{i}" for i in range(40)]

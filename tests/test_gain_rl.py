@@ -198,7 +198,8 @@ def test_angle_concentration_on_model_hidden_states_equals_direct(model, tokeniz
     p_mask = q_mask.clone()
     width = q_mask.shape[1]
     for row, (text, question) in enumerate(zip(texts, QUESTIONS)):
-        p_end, q_start, q_end = gain_rl.segments(tokenizer, text, question)
+        _, q_start, q_end = gain_rl.encode_with_segments(tokenizer, text, question)
+        p_end = q_start  # P is everything before Q
         n_tokens = int(batch["attention_mask"][row].sum())
         first = width - n_tokens  # left padding
         p_mask[row, first:first + p_end] = True
@@ -231,10 +232,10 @@ def test_segments_decode_to_prefix_question_and_trailer(template, system, one_sh
     tokenizer = char_tokenizer(template)
     question = "Compute 31-4+9."
     text = gain_rl.render_for_angles(tokenizer, question, system, one_shot)
-    p_end, q_start, q_end = gain_rl.segments(tokenizer, text, question)
+    _, q_start, q_end = gain_rl.encode_with_segments(tokenizer, text, question)
+    p_end = q_start  # P is everything before Q
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     before, _, after = text.rpartition(question)
-    assert p_end == q_start
     assert tokenizer.decode(ids[q_start:q_end]) == question
     assert tokenizer.decode(ids[:p_end]) == before
     assert tokenizer.decode(ids[q_end:]) == after
@@ -247,7 +248,7 @@ def test_segments_decode_to_prefix_question_and_trailer(template, system, one_sh
 def test_segments_take_the_last_occurrence_when_the_one_shot_repeats_the_question(tokenizer):
     question = ONE_SHOT[0]
     text = gain_rl.render_for_angles(tokenizer, question, None, ONE_SHOT)
-    _, q_start, q_end = gain_rl.segments(tokenizer, text, question)
+    _, q_start, q_end = gain_rl.encode_with_segments(tokenizer, text, question)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert question in tokenizer.decode(ids[:q_start])  # the one-shot copy stays in P
     assert tokenizer.decode(ids[q_start:q_end]) == question
@@ -274,7 +275,8 @@ def test_a_token_straddling_the_question_start_belongs_to_the_question():
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     tokenizer = merging_tokenizer([rendered])
     text = gain_rl.render_for_angles(tokenizer, question, None, None)
-    p_end, q_start, q_end = gain_rl.segments(tokenizer, text, question)
+    _, q_start, q_end = gain_rl.encode_with_segments(tokenizer, text, question)
+    p_end = q_start  # P is everything before Q
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     char_start = text.rfind(question)
     first_start, first_end = encoding["offset_mapping"][q_start]
@@ -286,15 +288,15 @@ def test_a_token_straddling_the_question_start_belongs_to_the_question():
 def test_segments_errors_name_the_problem(tokenizer):
     text = gain_rl.render_for_angles(tokenizer, "Compute 1+2.", None, None)
     with pytest.raises(ValueError, match="not found"):
-        gain_rl.segments(tokenizer, text, "Compute 9+9.")
+        gain_rl.encode_with_segments(tokenizer, text, "Compute 9+9.")
     with pytest.raises(ValueError, match="empty"):
-        gain_rl.segments(tokenizer, text, "")
+        gain_rl.encode_with_segments(tokenizer, text, "")
 
     class SlowTokenizer:
         is_fast = False
 
     with pytest.raises(ValueError, match="fast tokenizer"):
-        gain_rl.segments(SlowTokenizer(), text, "Compute 1+2.")
+        gain_rl.encode_with_segments(SlowTokenizer(), text, "Compute 1+2.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,12 +423,22 @@ def test_sampler_draws_distinct_sorted_positions_and_caps_at_n():
     assert sampler.draws == 20 and small.draws == 1
 
 
+def spec_weights(sampler: gain_rl.GaussianSampler) -> np.ndarray:
+    """The design's w_i = exp(-((i - mu) / sigma)^2 / 2) over positions 0..N-1, mu clipped to the
+    ranking, normalised: written here from the spec, independently of the sampler's code."""
+    center = min(max(sampler.mu, 0.0), sampler.n_items - 1.0)
+    z = (np.arange(sampler.n_items) - center) / sampler.sigma
+    log_w = -0.5 * z * z
+    w = np.exp(log_w - log_w.max())
+    return w / w.sum()
+
+
 @pytest.mark.parametrize(
     "mu, sigma, peak", [(1e12, 3.0, 99), (-1e12, 3.0, 0), (1e12, 1e-6, 99), (float("inf"), 3.0, 99)]
 )
 def test_sampler_survives_mu_far_outside_the_ranking(mu, sigma, peak):
     sampler = gain_rl.GaussianSampler(n_items=100, sigma=sigma, mu0=mu, seed=0)
-    weights = sampler.weights()
+    weights = spec_weights(sampler)
     assert np.all(np.isfinite(weights)) and weights.sum() == pytest.approx(1.0)
     assert int(np.argmax(weights)) == peak
     drawn = sampler.draw(10)  # more than the Gaussian's effective width when sigma is tiny
@@ -435,14 +447,14 @@ def test_sampler_survives_mu_far_outside_the_ranking(mu, sigma, peak):
 
 def test_sampler_weights_concentrate_near_mu_and_draw_frequencies_follow_them():
     sampler = gain_rl.GaussianSampler(n_items=1000, sigma=10.0, mu0=500.0, seed=0)
-    weights = sampler.weights()
+    weights = spec_weights(sampler)
     assert int(np.argmax(weights)) == 500
     assert weights[470:531].sum() > 0.99  # +-3 sigma
     assert np.all(np.abs(sampler.draw(20) - 500) <= 60)
 
     small = gain_rl.GaussianSampler(n_items=5, sigma=1.0, mu0=2.0, seed=1)
     counts = np.bincount([small.draw(1)[0] for _ in range(20_000)], minlength=5)
-    np.testing.assert_allclose(counts / 20_000, small.weights(), atol=0.015)
+    np.testing.assert_allclose(counts / 20_000, spec_weights(small), atol=0.015)
 
 
 def test_sampler_is_identical_on_two_ranks_and_resumes_exactly_from_json():
@@ -475,7 +487,7 @@ def test_sampler_update_moves_mu_by_mu_update():
     sampler = gain_rl.GaussianSampler(n_items=10, sigma=2.0, mu0=1.0, seed=0)
     delta = sampler.update(0.75, 0.1, 500, 2.0, 0.5, 0.0, 1000.0)
     assert delta == pytest.approx(329.746238742) and sampler.mu == pytest.approx(330.746238742)
-    assert int(np.argmax(sampler.weights())) == 9  # mu beyond N - 1 is clipped for the weights
+    assert int(np.argmax(spec_weights(sampler))) == 9  # mu beyond N - 1 is clipped for the weights
 
 
 def test_scaled_defaults():

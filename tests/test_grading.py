@@ -13,7 +13,6 @@ import pytest
 from rlvr.grading import (
     Grader,
     _number_grade,
-    _plain_number,
     extract_boxed,
     gold_is_parseable,
     grade_one,
@@ -584,3 +583,12 @@ def test_huge_or_foreign_numbers_are_left_to_math_verify_without_errors():
     assert _number_grade("٣", "3") is None
     assert grade_one(rf"\boxed{{{huge}}}", "5") == 0.0
     assert normalize_numbers("1e999999") == r"1 \times 10^{999999}"  # exact, not written out
+
+
+def test_start_readies_every_worker_before_the_first_call():
+    with Grader(workers=2, timeout_s=5.0) as pool:
+        pool.start()
+        assert len(pool._workers) == 2 and all(worker.ready for worker in pool._workers)
+        assert pool.grade([POOL_ITEM[0]], [POOL_ITEM[1]]) == [1.0] and pool.restarts == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.start()

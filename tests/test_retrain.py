@@ -13,6 +13,7 @@ import yaml
 
 from flows import services
 from rlvr import registry, tracking
+from tests.conftest import free_port
 from tests.test_pipeline import make_repo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -49,7 +50,7 @@ def project(tmp_path_factory):
         params = p
 
     repo = make_repo(tmp_path_factory.mktemp("retrain"), shrink)
-    running = services.up(repo, prefect_port=services.free_port(), mlflow_port=services.free_port())
+    running = services.up(repo, prefect_port=free_port(), mlflow_port=free_port())
     assert all(s.url.startswith("http://127.0.0.1:") for s in running.values())
     yield repo, params, running
     services.down(repo)
@@ -148,7 +149,7 @@ def _wait_for_schedule(api_url: str, deployment: str, timeout_s: float = 90.0) -
 
 def test_services_down_stops_the_recorded_processes(tmp_path):
     (tmp_path / "mlruns").mkdir()
-    running = services.up(tmp_path, prefect_port=services.free_port(), mlflow_port=services.free_port())
+    running = services.up(tmp_path, prefect_port=free_port(), mlflow_port=free_port())
     pids = [s.pid for s in running.values()]
     assert all(services.status(tmp_path)[n]["healthy"] for n in running)
     outcome = services.down(tmp_path)

@@ -25,7 +25,7 @@ import yaml
 from flows import services
 from flows.security import prefect_security
 from rlvr import tracking
-from tests.conftest import ROOT, small_params_dict
+from tests.conftest import ROOT, free_port, small_params_dict
 
 USER, PASSWORD = "rlvr-admin", "correct-horse-battery"
 
@@ -165,7 +165,7 @@ def test_credentials_are_checked_before_anything_starts(tmp_path, monkeypatch, u
     monkeypatch.setenv(services.USER_ENV, user)
     monkeypatch.setenv(services.PASSWORD_ENV, password)
     with pytest.raises(services.ServiceError, match=message):
-        services.up(tmp_path, prefect_port=services.free_port(), mlflow_port=services.free_port(), auth=True)
+        services.up(tmp_path, prefect_port=free_port(), mlflow_port=free_port(), auth=True)
     assert not (tmp_path / services.STATE).exists()
 
 
@@ -447,7 +447,7 @@ def servers(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in (services.USER_ENV, services.PASSWORD_ENV)}
     os.environ[services.USER_ENV], os.environ[services.PASSWORD_ENV] = USER, PASSWORD
     try:
-        running = services.up(project, prefect_port=services.free_port(), mlflow_port=services.free_port(), auth=True,
+        running = services.up(project, prefect_port=free_port(), mlflow_port=free_port(), auth=True,
                               timeout_s=300)
         yield project, running
     finally:
@@ -534,5 +534,5 @@ def test_auth_with_another_password_than_the_first_is_refused_with_the_fix(serve
     assert not any(tracking.process_start(s.pid) for s in running.values())
     monkeypatch.setenv(services.PASSWORD_ENV, "another-password-456")
     with pytest.raises(services.ServiceError, match="mlflow refused .*mlflow-auth.db was created with another password"):
-        services.up(project, prefect_port=services.free_port(), mlflow_port=services.free_port(), auth=True,
+        services.up(project, prefect_port=free_port(), mlflow_port=free_port(), auth=True,
                     timeout_s=300)
