@@ -47,7 +47,7 @@ def load_source(source: Source, role: str, params: Params) -> pd.DataFrame:
         frame["meta"] = frame["meta"].map(lambda m: json.dumps(m, sort_keys=True))
         return frame[list(data.SCHEMA)]
     fields = dict(problem_field=source.problem_field, answer_field=source.answer_field,
-                  solution_field=source.solution_field, limit=source.limit)
+                  answer_from=source.answer_from, solution_field=source.solution_field, limit=source.limit)
     if source.path:
         return data.load_file(source.path, source.name, source.preset, **fields)
     return data.load_hub(source.hub, source.name, source.preset, source.split, subset=source.subset, **fields)

@@ -68,3 +68,18 @@ def test_bad_source_file_names_file_and_line(in_tmp, content, message):
         prepare.main(config.from_dict(raw))
     assert str(bad) in str(error.value)
     assert not (in_tmp / "data/prepared").exists()
+
+
+def test_load_source_takes_gold_from_the_last_box_of_a_solution_when_asked():
+    """MATH500 ships both a worked solution and its answer: the last box of the one is the other."""
+    path = str(ROOT / "data/sources/benchmarks/math500/test.jsonl")
+    raw = small_params_dict()
+    raw["prepare"]["eval"] += [
+        {"name": "by_field", "path": path, "preset": "generic", "problem_field": "problem",
+         "answer_field": "answer", "limit": 40},
+        {"name": "by_box", "path": path, "preset": "generic", "problem_field": "problem",
+         "answer_field": "solution", "answer_from": "last_boxed", "limit": 40}]
+    params = config.from_dict(raw)
+    from_field, from_box = (prepare.load_source(source, "eval", params) for source in params.prepare.eval[-2:])
+    assert len(from_box) == 40
+    assert from_box["answer"].tolist() == from_field["answer"].tolist()
