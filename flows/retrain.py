@@ -25,7 +25,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from rlvr import config, registry, services, tracking
+from flows import services
+from rlvr import config, registry, tracking
 from rlvr.io import dvc_md5
 
 EVAL_METRICS = Path("metrics/eval.json")
