@@ -411,6 +411,9 @@ class Train:
     # gain_rl: GAIN-RL dynamic sampling over the `score` ranking; length: shortest question first;
     # random: a seeded fixed permutation; uniform: TRL's default reshuffling.
     order: str
+    # The training seed: GRPO sampling, the prompt plan and GAIN-RL's draws. Separate from the top-level
+    # `seed` (data and warm-up), so seed replicates of training share one warm-up model.
+    seed: int
     max_steps: int
     prompts_per_step: int
     num_generations: int
@@ -435,6 +438,7 @@ class Train:
 
     def __post_init__(self) -> None:
         _one_of("train.order", self.order, TRAIN_ORDERS)
+        _require(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"use an integer in [0, {MAX_SEED}]")
         _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "use 0 (no training) or more steps")
         _at_least("train.prompts_per_step", self.prompts_per_step, 1)
         _require(self.num_generations >= 2, "train.num_generations", self.num_generations,

@@ -89,8 +89,8 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
         logging_steps=t.logging_steps,
         reward_weights=[1.0, t.blend_weight] if t.reward == "blend" else None,
         report_to="none",
-        seed=params.seed,
-        data_seed=params.seed,
+        seed=params.train.seed,
+        data_seed=params.train.seed,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         activation_checkpointing=False,  # TRL turns it on by default; on a CPU it only costs time
@@ -114,7 +114,7 @@ def gain_rl_schedule(params: Params, ranking: list[int]) -> GainRLSchedule:
         beta=g.beta,
         delta_min=g.delta_min,
         delta_max=g.delta_max if g.delta_max is not None else reference["delta_max"],
-        seed=params.seed,
+        seed=params.train.seed,
     )
 
 
@@ -122,7 +122,7 @@ def fingerprint(params: Params, inputs: list[Path]) -> str:
     """What a checkpoint must match to be resumed: train params, model, prompt, seed and input digests."""
     payload = {
         "train": asdict(params.train), "model": asdict(params.model), "prompt": asdict(params.prompt),
-        "prof": asdict(params.prof), "prm": asdict(params.prm), "seed": params.seed, "inputs": {str(p): dvc_md5(p) for p in inputs if p.exists()},
+        "prof": asdict(params.prof), "prm": asdict(params.prm), "seed": params.train.seed, "inputs": {str(p): dvc_md5(p) for p in inputs if p.exists()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -176,7 +176,7 @@ def dataset_and_ordering(params: Params, frame: pd.DataFrame, angles: pd.DataFra
     if missing:
         raise ValueError(f"{ANGLES}: {len(missing)} training ids have no angle score (rerun `dvc repro score`)")
     row_of = {id_: i for i, id_ in enumerate(frame["id"])}
-    ids = gain_rl.order_positions(angles[angles["id"].isin(row_of)], order, params.seed)
+    ids = gain_rl.order_positions(angles[angles["id"].isin(row_of)], order, params.train.seed)
     return dataset, [row_of[i] for i in ids]
 
 
