@@ -6,6 +6,8 @@
   rlvr retrain                   one retrain: dvc repro, register, promote only a better model
   rlvr schedule                  serve the retrain flow on the cron schedule in params (needs services)
   rlvr lineage [--version N]     a registered version's chain back to the source files
+  rlvr grid --name G -S k=a,b    queue and run a grid of DVC experiments (variants x seeds)
+  rlvr compare --grid G --baseline k=a   seed-aware comparison report of a grid (markdown, PNG, MLflow)
 """
 
 from __future__ import annotations
@@ -132,6 +134,43 @@ def cmd_lineage(args) -> int:
     return 0
 
 
+def cmd_grid(args) -> int:
+    root = _root()
+    config.check("params.yaml", root)
+    _use_services(root)
+    from flows import grid, info_logging
+
+    info_logging()
+    names = grid.queue(root, args.name, args.set)
+    print(f"queued {len(names)} experiments: {', '.join(names)}", flush=True)
+    if args.no_run:
+        print(f"run them with `dvc queue start -j {args.jobs}`; then `rlvr compare --grid {args.name} --baseline ...`")
+        return 0
+    states = grid.run_queue(root, names, args.jobs)
+    failed = [n for n, s in states.items() if s != "Success"]
+    print(f"grid {args.name}: {len(names) - len(failed)} succeeded, {len(failed)} did not "
+          f"({', '.join(failed) or 'none'}; `dvc queue logs NAME` shows why)")
+    return 1 if failed else 0
+
+
+def cmd_compare(args) -> int:
+    root = _root()
+    _use_services(root)
+    from flows import grid
+    from rlvr import tracking
+
+    params = config.load("params.yaml")
+    experiment = None if args.no_mlflow else params.tracking.experiment
+    uri = None if args.no_mlflow else tracking.tracking_uri(params)
+    result = grid.report(root, args.grid, args.baseline, eval_set=args.eval_set,
+                         out=Path(args.out) if args.out else None, mlflow_experiment=experiment,
+                         tracking_uri=uri, n_boot=args.n_boot)
+    print(result["markdown"])
+    print("\n" + "  ".join(f"{kind}: {path}" for kind, path in result["files"].items())
+          + (f"  MLflow run: {result['mlflow_run']}" if result["mlflow_run"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlvr", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -160,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="version number (default: the champion)")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_lineage)
+    p = sub.add_parser("grid", help="queue and run a grid of DVC experiments (cartesian product of -S values)")
+    p.add_argument("--name", required=True, help="grid name: experiments are named <name>-<values>")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=V1,V2",
+                   help="params.yaml key and its values (repeat for more keys), e.g. -S train.seed=0,1,2")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="experiments run at once (default 1)")
+    p.add_argument("--no-run", action="store_true", help="only queue them (run later with dvc queue start)")
+    p.set_defaults(func=cmd_grid)
+    p = sub.add_parser("compare", help="compare a grid's variants over seeds: report, plot, MLflow")
+    p.add_argument("--grid", required=True, help="the grid name given to rlvr grid")
+    p.add_argument("--baseline", required=True, help="the reference variant, e.g. train.order=uniform")
+    p.add_argument("--eval-set", default="arith", help="the held-out set of the final evaluation (default arith)")
+    p.add_argument("--out", help="report folder (default reports/<grid>)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--no-mlflow", action="store_true", help="write the report files only")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -39,6 +39,8 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 TRAIN_ORDERS = ("gain_rl", "length", "random", "uniform")
 TRAIN_PROMPTS = ("all", "band")
 TRAIN_REWARDS = ("accuracy", "blend")
+# What GAIN-RL samples once mu has reached the end of the ranking (rlvr/gain_rl.py reads this tuple).
+GAIN_RL_AT_END = ("stay", "uniform")
 EVAL_BACKENDS = ("auto", "transformers", "vllm")
 # Where a source's gold answer comes from: its answer field as it is, or the last \boxed{} in it
 # (for sources that ship only a worked solution). rlvr/data.py reads this tuple.
@@ -310,27 +312,39 @@ class Score:
                  "at least one weight must be > 0, or the score ranks nothing (paper: 1 and 1)")
 
 
+def _fraction_of_n(key: str, value: float, zero_allowed: bool) -> None:
+    low = "[0" if zero_allowed else "(0"
+    _require((value >= 0 if zero_allowed else value > 0) and value <= 1, key, value,
+             f"sigma, n, delta_min and delta_max are fractions of N (the number of ranked prompts) now, not rank "
+             f"positions; use a value in {low}, 1]")
+
+
 @dataclass(frozen=True)
 class GainRL:
-    """Online GAIN-RL. null for sigma, n, delta_max: the reference values (1000, 500, 1000, tuned for
-    about 5,000 prompts) scaled by N / 5000 for a set of N prompts."""
+    """Online GAIN-RL. sigma, n, delta_min and delta_max are fractions of N, the number of ranked
+    prompts (the reference release's rank-position constants are in rlvr.gain_rl.REFERENCE)."""
 
+    sigma: float
+    n: float
     alpha: float
     beta: float
     delta_min: float
-    mu0: float
-    sigma: float | None = None
-    n: float | None = None
-    delta_max: float | None = None
+    delta_max: float
+    mu0: float  # the starting rank position (clipped to N - 1)
+    # stay: keep sampling around the last rank (reference); uniform: K prompts uniformly from all N.
+    at_end: str
 
     def __post_init__(self) -> None:
-        _optional(_positive, "train.gain_rl.sigma", self.sigma)
-        _optional(_positive, "train.gain_rl.n", self.n)
+        _fraction_of_n("train.gain_rl.sigma", self.sigma, zero_allowed=False)
+        _fraction_of_n("train.gain_rl.n", self.n, zero_allowed=False)
+        _fraction_of_n("train.gain_rl.delta_min", self.delta_min, zero_allowed=True)
+        _fraction_of_n("train.gain_rl.delta_max", self.delta_max, zero_allowed=True)
         _positive("train.gain_rl.alpha", self.alpha)
         _fraction("train.gain_rl.beta", self.beta)
         _at_least("train.gain_rl.mu0", self.mu0, 0)
-        _require(self.delta_max is None or self.delta_max >= self.delta_min, "train.gain_rl.delta_max",
-                 self.delta_max, f"must be >= delta_min ({self.delta_min})")
+        _require(self.delta_max >= self.delta_min, "train.gain_rl.delta_max", self.delta_max,
+                 f"must be >= delta_min ({self.delta_min})")
+        _one_of("train.gain_rl.at_end", self.at_end, GAIN_RL_AT_END)
 
 
 @dataclass(frozen=True)
@@ -435,6 +449,13 @@ class Train:
     # accuracy: the grader's 1/0; blend: accuracy + blend_weight x process value (PROF's baseline).
     reward: str
     blend_weight: float
+    # The held-out curve (rlvr/heldout.py): evaluate the policy at step 0, every eval_steps optimizer
+    # steps and at the last step (0 = off) on data/prepared/eval/<eval_set>.parquet, with eval_n_samples
+    # samples per problem (train.temperature, train.top_p) of up to eval_max_new_tokens, plus greedy.
+    eval_steps: int
+    eval_set: str
+    eval_n_samples: int
+    eval_max_new_tokens: int
 
     def __post_init__(self) -> None:
         _one_of("train.order", self.order, TRAIN_ORDERS)
@@ -455,6 +476,10 @@ class Train:
         _one_of("train.prompts", self.prompts, TRAIN_PROMPTS)
         _one_of("train.reward", self.reward, TRAIN_REWARDS)
         _at_least("train.blend_weight", self.blend_weight, 0)
+        _require(self.eval_steps >= 0, "train.eval_steps", self.eval_steps,
+                 "use 0 (no held-out curve) or a number of steps between evaluations")
+        _at_least("train.eval_n_samples", self.eval_n_samples, 1)
+        _at_least("train.eval_max_new_tokens", self.eval_max_new_tokens, 1)
 
 
 @dataclass(frozen=True)
@@ -549,6 +574,8 @@ class Params:
         unknown = [b for b in self.evaluate.benchmarks if b not in eval_names]
         _require(not unknown, "evaluate.benchmarks", list(self.evaluate.benchmarks),
                  f"{unknown} not among prepare.eval sources {sorted(eval_names)}")
+        _require(self.train.eval_set in eval_names, "train.eval_set", self.train.eval_set,
+                 f"use the name of a prepare.eval source: one of {sorted(eval_names)}")
         _require(self.retrain.benchmark in self.evaluate.benchmarks, "retrain.benchmark", self.retrain.benchmark,
                  f"must be one of evaluate.benchmarks {list(self.evaluate.benchmarks)}")
         known = [f"pass_at_{k}" for k in self.evaluate.ks]
@@ -569,6 +596,7 @@ class Params:
                      f"must not exceed model.builtin.max_positions ({limit})")
             for key, length in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
                                 ("train.max_completion_length", self.train.max_completion_length),
+                                ("train.eval_max_new_tokens", self.train.eval_max_new_tokens),
                                 ("evaluate.max_new_tokens", self.evaluate.max_new_tokens)):
                 _require(length < limit, key, length,
                          f"must be below model.builtin.max_positions ({limit}), which also holds the prompt")

@@ -20,17 +20,25 @@ Offline (the `score` stage), with the current policy and the prompt prefill only
    rankings are almost exactly shortest-prompt-first, so `order_positions(..., "length", ...)` is a
    required baseline next to "gain_rl" and "random".
 
-Online (the `train` stage; one GAIN-RL "epoch" = one batch of K prompts = one optimizer step):
+Online (the `train` stage; one GAIN-RL "epoch" = one batch of K prompts = one optimizer step, K
+counted over all processes together):
 
 6. `GaussianSampler` puts weights w_i = exp(-((i - mu) / sigma)^2 / 2) on rank positions
-   i = 0..N-1 (mu clipped to [0, N-1]), draws min(K, N) distinct positions, and moves mu with
-   `mu_update` from the epoch's accuracy and `causal_angle` (the causal mean cosine of each
-   rollout's own tokens at the same hook point). Its state (mu, RNG, draw count) is JSON-serialisable
-   for checkpoints; every rank builds it with the same seed and so draws the same positions.
+   i = 0..N-1 and draws min(K, N) distinct positions. After each step `mu_update` moves mu by
+   delta = n tanh(alpha (acc - beta)) + n tanh(alpha ang), clipped to [delta_min, delta_max], and
+   clips mu itself to [0, N-1]: the clipped mu is the one stored, drawn around, logged and
+   checkpointed. acc is the step's fraction of correct rollouts, ang the mean over rollouts of
+   `causal_angle` (the mean cosine over the lower triangle of each rollout's own cosine matrix, at
+   the same hook point). The sampler records the update at which mu first reached N-1; from then
+   on `at_end = "stay"` keeps drawing around N-1 (the reference), `"uniform"` draws K prompts
+   uniformly from all N. Its state (mu, RNG, counts) is JSON-serialisable for checkpoints; every
+   rank builds it with the same seed and so draws the same positions.
 7. `expand_for_trl` lays drawn indices out the way TRL's RepeatSampler does.
 
-Reference defaults (`DEFAULT_*`) are the paper's values for N of several thousand prompts;
-`scaled_defaults` scales the ones measured in rank positions for other set sizes.
+`REFERENCE` holds the reference release's constants (in rank positions, for N from about 3,000 to
+40,000 and 200 epochs). Here sigma, n and the delta bounds are fractions of N instead
+(`rlvr.grpo.GainRLSchedule` converts them), calibrated on the built-in task (docs/algorithms.md,
+benchmarks/gain_rl_calibration.py).
 
 Not covered: models whose decoder is not at `model.model.layers` (the Qwen2/Llama layout of
 transformers causal LMs); stopping a forward with an exception inside engines that gather sharded
@@ -48,17 +56,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# Reference values of the online schedule (paper / reference release), for N of several thousand
-# prompts. sigma, n and the delta bounds are measured in rank positions, so they scale with N.
-DEFAULT_SIGMA = 1000.0
-DEFAULT_N = 500.0
-DEFAULT_ALPHA = 2.0
-DEFAULT_BETA = 0.5
-DEFAULT_DELTA_MIN = 0.0
-DEFAULT_DELTA_MAX = 1000.0
-DEFAULT_MU0 = 0.0
-# The set size the reference values are taken to be tuned for ("several thousand prompts").
-REFERENCE_N_ITEMS = 5000
+from rlvr.config import GAIN_RL_AT_END
+
+# The reference release's online constants, in rank positions; it used them unchanged for N from
+# about 3,000 to 40,000 prompts and 200 epochs. Kept for the record and the docs: this project sets
+# sigma, n and the delta bounds as fractions of N (train.gain_rl), so a set of any size is walked at
+# the pace of its own step budget.
+REFERENCE = {"sigma": 1000.0, "n": 500.0, "alpha": 2.0, "beta": 0.5, "delta_min": 0.0, "delta_max": 1000.0,
+             "mu0": 0.0}
 
 # Rows of X whose norm is below this are treated as zero vectors (cosine 0 with everything) instead
 # of dividing by zero; real hidden states after an RMSNorm are nowhere near it.
@@ -207,23 +212,28 @@ def angle_concentration(
 
 
 def causal_angle(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Causal mean cosine of each sequence's own tokens, (B,) fp32.
+    """Causal angle concentration of each sequence's own tokens, (B,) fp32.
 
-    Number the valid tokens (mask True) of a sequence j = 1..n in order, with unit rows u_1..u_n.
-    Each token's causal concentration is c_j = <u_j, u_1 + ... + u_j> / j, the mean cosine between
-    the token and every valid token up to and including itself (as causal attention sees them), and
-    the sequence value is (c_1 + ... + c_n) / n. Padding is skipped wherever it sits (left, right or
-    inside). Computed with cumulative sums in O(L * d). A sequence without valid tokens gives NaN.
+    Number the valid tokens (mask True) of a sequence 1..L in order, with unit rows u_1..u_L. The
+    value is the mean cosine over the pairs (i, j) with j <= i, the lower triangle of the L x L
+    cosine matrix, diagonal included:
+
+        ang = (sum_i <u_i, S_i>) / (L (L + 1) / 2),   S_i = u_1 + ... + u_i,
+
+    so every pair weighs the same, in O(L * d) with prefix sums. (A mean of per-token means,
+    (1/L) sum_i <u_i, S_i> / i, is not the same: it gives the pairs of token i the weight 1/(L i),
+    so the first tokens' few pairs count far more than the last tokens' many.) Padding is skipped
+    wherever it sits (left, right or inside). One valid token gives 1 (its cosine with itself); a
+    zero row counts as cosine 0 with everything; a sequence without valid tokens gives NaN.
     """
     mask = mask.bool()
-    unit = _unit_rows(hidden, mask)
+    unit = _unit_rows(hidden, mask)  # padding rows are zero, so they add nothing to the prefix sums
     prefix_sums = unit.cumsum(dim=1)
-    counts = mask.cumsum(dim=1).float()
-    per_token = torch.linalg.vecdot(unit, prefix_sums) / counts.clamp_min(1)
-    per_token = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    lower_triangle_sum = torch.linalg.vecdot(unit, prefix_sums).sum(-1)
     n_valid = mask.sum(-1).float()
+    n_pairs = n_valid * (n_valid + 1) / 2
     nan = torch.tensor(float("nan"), device=unit.device)
-    return torch.where(n_valid > 0, per_token.sum(-1) / n_valid.clamp_min(1), nan)
+    return torch.where(n_valid > 0, lower_triangle_sum / n_pairs.clamp_min(1), nan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,30 +387,16 @@ def order_positions(frame: pd.DataFrame, order: str, seed: int) -> list[str]:
 # Online schedule
 
 
-def scaled_defaults(n_items: int) -> dict[str, float]:
-    """The reference schedule for a set of `n_items` prompts.
-
-    sigma, n and delta_max are distances in rank positions, tuned for about REFERENCE_N_ITEMS = 5000
-    prompts; they are multiplied by n_items / 5000 so that the Gaussian covers, and each step moves
-    mu by, the same fraction of the ranking (e.g. 300 prompts: sigma 60, n 30, delta_max 60).
-    alpha, beta (dimensionless), delta_min (0) and mu0 (0) are kept.
-    """
-    if n_items < 1:
-        raise ValueError(f"n_items must be >= 1, got {n_items}")
-    scale = n_items / REFERENCE_N_ITEMS
-    return {
-        "sigma": DEFAULT_SIGMA * scale,
-        "n": DEFAULT_N * scale,
-        "alpha": DEFAULT_ALPHA,
-        "beta": DEFAULT_BETA,
-        "delta_min": DEFAULT_DELTA_MIN,
-        "delta_max": DEFAULT_DELTA_MAX * scale,
-        "mu0": DEFAULT_MU0,
-    }
+def clip_mu(mu: float, n_items: int) -> float:
+    """mu clipped to the ranking, [0, N-1]; NaN is an error."""
+    if math.isnan(mu):
+        raise ValueError("mu is NaN")
+    return min(max(float(mu), 0.0), n_items - 1.0)
 
 
 def mu_update(
     mu: float,
+    n_items: int,
     acc: float,
     ang: float,
     n: float,
@@ -409,84 +405,115 @@ def mu_update(
     delta_min: float,
     delta_max: float,
 ) -> tuple[float, float]:
-    """delta = n * tanh(alpha * (acc - beta)) + n * tanh(alpha * ang), clipped to [delta_min, delta_max];
-    returns (mu + delta, delta). mu is left unclipped (weights clip it to [0, N-1])."""
+    """One GAIN-RL step of mu over a ranking of `n_items` positions; returns (new mu, delta).
+
+    delta = n * tanh(alpha * (acc - beta)) + n * tanh(alpha * ang), clipped to [delta_min, delta_max],
+    and the new mu = min(max(mu + delta, 0), N - 1): mu itself is clipped, so it never runs past
+    the end of the ranking (n, delta_min and delta_max are in rank positions here).
+    """
     if delta_min > delta_max:
         raise ValueError(f"delta_min ({delta_min}) must be <= delta_max ({delta_max})")
     if not (math.isfinite(acc) and math.isfinite(ang)):
         raise ValueError(f"acc and ang must be finite, got acc={acc}, ang={ang}")
     raw = n * math.tanh(alpha * (acc - beta)) + n * math.tanh(alpha * ang)
     delta = min(max(raw, delta_min), delta_max)
-    return float(mu) + delta, delta
+    return clip_mu(float(mu) + delta, n_items), delta
 
 
 class GaussianSampler:
     """Draws rank positions around mu with Gaussian weights; mu moves with training progress.
+
+    mu is always inside [0, N-1] (clipped at construction, on every update and on load). `end_update`
+    is the number of the update at which mu first reached N-1 (0 when mu0 is already there, None
+    until then); with `at_end="uniform"` every draw after it is K positions uniformly from all N,
+    with `"stay"` (the reference) the Gaussian stays centred at N-1.
 
     Draws use the sampler's own numpy Generator (PCG64, seeded), so every rank built with the same
     seed draws the same positions, and `state_dict` / `load_state_dict` (JSON-serialisable) resume
     a run exactly.
     """
 
-    def __init__(self, n_items: int, sigma: float, mu0: float, seed: int) -> None:
+    def __init__(self, n_items: int, sigma: float, mu0: float, seed: int, at_end: str = "stay") -> None:
         if n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {n_items}")
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
+        if at_end not in GAIN_RL_AT_END:
+            raise ValueError(f"at_end must be one of {list(GAIN_RL_AT_END)}, got {at_end!r}")
         self.n_items = int(n_items)
         self.sigma = float(sigma)
-        self.mu = float(mu0)
+        self.at_end = at_end
+        self.mu = clip_mu(mu0, self.n_items)
         self.draws = 0
+        self.updates = 0
+        self.end_update: int | None = 0 if self.at_last_position else None
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
+    @property
+    def at_last_position(self) -> bool:
+        return self.mu >= self.n_items - 1
+
     def _log_weights(self) -> np.ndarray:
-        """Unnormalised log weights with maximum 0 (mu clipped, so finite for any mu)."""
-        if math.isnan(self.mu):
-            raise ValueError("mu is NaN")
-        center = min(max(self.mu, 0.0), self.n_items - 1.0)
-        z = (np.arange(self.n_items, dtype=np.float64) - center) / self.sigma
+        """Unnormalised log weights with maximum 0 (finite for any sigma > 0)."""
+        z = (np.arange(self.n_items, dtype=np.float64) - self.mu) / self.sigma
         log_w = -0.5 * z * z
         return log_w - log_w.max()
 
     def draw(self, k: int) -> np.ndarray:
-        """min(k, N) distinct positions drawn without replacement with the current weights, ascending.
+        """min(k, N) distinct positions drawn without replacement, ascending.
 
-        Gumbel-top-k: the k largest of log w_i + Gumbel noise are a draw without replacement
-        proportional to w. Log weights never underflow to -inf, so far-from-mu positions can still
-        fill a draw larger than the Gaussian's effective width.
+        Gaussian weights: Gumbel-top-k, the k largest of log w_i + Gumbel noise are a draw without
+        replacement proportional to w. Log weights never underflow to -inf, so far-from-mu positions
+        can still fill a draw larger than the Gaussian's effective width. After the end of the
+        ranking with at_end "uniform": a uniform draw without replacement from the same RNG.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        keys = self._log_weights() + self._rng.gumbel(size=self.n_items)
-        chosen = np.argsort(-keys, kind="stable")[: min(k, self.n_items)]
+        size = min(k, self.n_items)
+        if self.at_end == "uniform" and self.end_update is not None:
+            chosen = self._rng.choice(self.n_items, size=size, replace=False)
+        else:
+            keys = self._log_weights() + self._rng.gumbel(size=self.n_items)
+            chosen = np.argsort(-keys, kind="stable")[:size]
         self.draws += 1
         return np.sort(chosen)
 
     def update(
         self, acc: float, ang: float, n: float, alpha: float, beta: float, delta_min: float, delta_max: float
     ) -> float:
-        """Move mu by `mu_update`; returns delta."""
-        self.mu, delta = mu_update(self.mu, acc, ang, n, alpha, beta, delta_min, delta_max)
+        """Move mu by `mu_update` (clipped to [0, N-1]); returns delta."""
+        self.mu, delta = mu_update(self.mu, self.n_items, acc, ang, n, alpha, beta, delta_min, delta_max)
+        self.updates += 1
+        if self.end_update is None and self.at_last_position:
+            self.end_update = self.updates
         return delta
 
     def state_dict(self) -> dict:
         return {
             "n_items": self.n_items,
             "sigma": self.sigma,
+            "at_end": self.at_end,
             "mu": self.mu,
             "draws": self.draws,
+            "updates": self.updates,
+            "end_update": self.end_update,
             "rng": self._rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("n_items", "sigma"):
-            if state[key] != getattr(self, key):
+        for key in ("n_items", "sigma", "at_end"):
+            if state.get(key) != getattr(self, key):
                 raise ValueError(
-                    f"checkpointed sampler has {key}={state[key]}, this run has {getattr(self, key)}; "
-                    "resume with the same ranking and sigma"
+                    f"checkpointed sampler has {key}={state.get(key)!r}, this run has {getattr(self, key)!r}; "
+                    "resume with the same ranking and train.gain_rl params"
                 )
-        self.mu = float(state["mu"])
+        mu = float(state["mu"])
+        if not 0.0 <= mu <= self.n_items - 1:
+            raise ValueError(f"checkpointed sampler has mu={mu}, outside the ranking [0, {self.n_items - 1}]")
+        self.mu = mu
         self.draws = int(state["draws"])
+        self.updates = int(state["updates"])
+        self.end_update = None if state["end_update"] is None else int(state["end_update"])
         self._rng.bit_generator.state = state["rng"]
 
 

@@ -88,6 +88,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
@@ -839,6 +840,17 @@ class Grader:
         process.start()
         child_conn.close()
         return _Worker(process=process, conn=parent_conn, started_at=time.monotonic())
+
+
+def grade_matrix(grader: Grader, samples: list[list[str]], golds: list[str]) -> np.ndarray:
+    """(problems x n) float matrix of 1.0 / 0.0, NaN where the gold answer is unparseable.
+
+    What pass@k consumes, for the evaluate stage and the held-out curve during training alike.
+    """
+    flat = [(s, g) for row, g in zip(samples, golds) for s in row]
+    scores = grader.grade([s for s, _ in flat], [g for _, g in flat])
+    values = np.array([np.nan if x is None else x for x in scores], dtype=float)
+    return values.reshape(len(samples), -1)
 
 
 def _needs_only_gold(answer: str | None, gold: str) -> bool:

@@ -11,8 +11,10 @@ wherever it has one:
   trained on, across epoch boundaries too. `gain_rl` draws the K prompts of every step from the
   GAIN-RL Gaussian over rank positions *at generation time*, with the mu of that moment (a torch
   Sampler would be one batch late: accelerate fetches the next batch before the current step
-  runs). After grading, acc (fraction correct) and ang (mean causal angle concentration of each
-  rollout's own tokens at the input of the last MLP, one extra no-grad forward) move mu.
+  runs). K is per step over all processes: every process draws the same K and takes its slice.
+  After grading, acc (fraction correct) and ang (mean causal angle concentration of each
+  rollout's own tokens at the input of the last MLP, one extra no-grad forward) move mu, which
+  stays clipped to [0, N-1]; the step at which it first reaches N-1 is logged (`gain_rl/end_step`).
 - PROF (`prof_filter`): every group of rollouts is filtered after grading and before the loss:
   advantages are recomputed over the kept rollouts only (TRL's normalisation), dropped rollouts get
   advantage 0 and an all-zero completion mask (no loss, no gradient), and the loss normaliser
@@ -289,19 +291,33 @@ class CheckpointState(TrainerCallback):
 
 
 class GainRLSchedule:
-    """GAIN-RL's online state: the ranking, the Gaussian sampler and the mu-update constants."""
+    """GAIN-RL's online state: the ranking, the Gaussian sampler and the mu-update constants.
+
+    sigma, n, delta_min and delta_max are fractions of N = len(ranking) (train.gain_rl); they are
+    turned into rank positions here, once. mu0 is a rank position.
+    """
 
     def __init__(self, ranking: Sequence[int], sigma: float, mu0: float, n: float, alpha: float, beta: float,
-                 delta_min: float, delta_max: float, seed: int):
+                 delta_min: float, delta_max: float, seed: int, at_end: str):
         self.ranking = list(ranking)
-        self.sampler = gain_rl.GaussianSampler(n_items=len(self.ranking), sigma=sigma, mu0=mu0, seed=seed)
-        self.update_kwargs = dict(n=n, alpha=alpha, beta=beta, delta_min=delta_min, delta_max=delta_max)
+        n_items = len(self.ranking)
+        self.sampler = gain_rl.GaussianSampler(n_items=n_items, sigma=sigma * n_items, mu0=mu0, seed=seed,
+                                               at_end=at_end)
+        self.update_kwargs = dict(n=n * n_items, alpha=alpha, beta=beta, delta_min=delta_min * n_items,
+                                  delta_max=delta_max * n_items)
 
     def draw(self, k: int) -> list[int]:
         return [self.ranking[int(p)] for p in self.sampler.draw(k)]
 
     def update(self, acc: float, ang: float) -> float:
         return self.sampler.update(acc, ang, **self.update_kwargs)
+
+    @property
+    def end_step(self) -> int | None:
+        """The training step whose update first took mu to N-1 (None if it never did). One update per
+        optimizer step (RLVRGRPOTrainer requires one generation per step with GAIN-RL), so the
+        sampler's update count is the step."""
+        return self.sampler.end_update
 
 
 class RLVRGRPOTrainer(GRPOTrainer):
@@ -317,6 +333,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
             raise ValueError(f"order {order!r} needs the ordering of training rows")
         if order == "gain_rl" and gain_rl_schedule is None:
             raise ValueError("order 'gain_rl' needs a GainRLSchedule")
+        if order == "gain_rl" and config is not None and (config.steps_per_generation, config.num_iterations,
+                                                          config.gradient_accumulation_steps) != (1, 1, 1):
+            raise ValueError("order 'gain_rl' moves mu once per optimizer step: it needs steps_per_generation, "
+                             "num_iterations and gradient_accumulation_steps of 1 (stages.train.grpo_config)")
         if config is None or config.shuffle_dataset:
             raise ValueError("RLVRGRPOTrainer needs a GRPOConfig with shuffle_dataset=False: TRL's sampler "
                              "must walk the prompt plan in order (build it with stages.train.grpo_config)")
@@ -363,11 +383,16 @@ class RLVRGRPOTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the mean of every curation metric since the last log (finite values only)."""
-        for name, values in self.curation_metrics.items():
-            if values:
-                logs[name] = sum(values) / len(values)
-        self.curation_metrics.clear()
+        """Adds the mean of every curation metric since the last training log (finite values only).
+
+        A log made in eval mode (rlvr.heldout's points) leaves them for the next training log, as
+        TRL's GRPOTrainer.log does with its own training metrics.
+        """
+        if self.model.training:
+            for name, values in self.curation_metrics.items():
+                if values:
+                    logs[name] = sum(values) / len(values)
+            self.curation_metrics.clear()
         super().log(logs, start_time)
 
     def _record(self, name: str, value) -> None:
@@ -397,7 +422,12 @@ class RLVRGRPOTrainer(GRPOTrainer):
     # ---- curation -----------------------------------------------------------------------------
 
     def _gain_rl_inputs(self, local_inputs: list[dict]) -> list[dict]:
-        """Replace the data loader's rows with the K prompts GAIN-RL draws now, grouped for TRL."""
+        """Replace the data loader's rows with the K prompts GAIN-RL draws now, grouped for TRL.
+
+        K = generation_batch_size // num_generations is the number of prompts of the step over all
+        processes (train.prompts_per_step; grpo_config splits its rollouts over the processes). Every
+        process draws the same K (same seed, same mu) and takes its own slice.
+        """
         k = self.args.generation_batch_size // self.args.num_generations
         indices = gain_rl.expand_for_trl(self.gain_rl_schedule.draw(k), self.args.num_generations, 1)
         rank, per_rank = self.accelerator.process_index, len(local_inputs)
@@ -437,7 +467,11 @@ class RLVRGRPOTrainer(GRPOTrainer):
         self._record("prof/nan_values", torch.isnan(values_t).float().sum())
 
     def _gain_rl_step(self, output: dict, accuracy: torch.Tensor) -> None:
-        """acc and ang of this step's rollouts, then the mu update (same values on every rank)."""
+        """acc and ang of this step's rollouts, then the mu update (same values on every rank).
+
+        acc = fraction of correct rollouts (those with a parseable gold), ang = mean over every
+        rollout of every process of `gain_rl.causal_angle` of its valid prompt + completion tokens.
+        """
         valid = ~torch.isnan(accuracy)
         if not valid.any():
             raise RuntimeError("GAIN-RL: every reward of this step is NaN (no parseable gold answer)")
@@ -448,10 +482,13 @@ class RLVRGRPOTrainer(GRPOTrainer):
         with torch.no_grad():
             hidden = gain_rl.mlp_inputs(model, ids, mask.long(), stop_early=True)
             local = gain_rl.causal_angle(hidden, mask)
-        ang = float(self.accelerator.gather(local.mean().reshape(1)).mean())
-        delta = self.gain_rl_schedule.update(acc, ang)
-        for name, value in (("mu", self.gain_rl_schedule.sampler.mu), ("delta", delta), ("acc", acc), ("ang", ang)):
+        ang = float(self.accelerator.gather(local).mean())
+        schedule = self.gain_rl_schedule
+        delta = schedule.update(acc, ang)
+        for name, value in (("mu", schedule.sampler.mu), ("delta", delta), ("acc", acc), ("ang", ang)):
             self._record(f"gain_rl/{name}", value)
+        if schedule.end_step is not None and schedule.end_step == schedule.sampler.updates:
+            self._record("gain_rl/end_step", schedule.end_step)  # logged once, at the step mu reaches N-1
 
 
 def _gathered(reward: RewardFunction | ProcessValueReward) -> torch.Tensor:

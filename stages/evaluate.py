@@ -30,7 +30,7 @@ import torch
 from rlvr import models, passk
 from rlvr.config import Params
 from rlvr.generation import SamplingSettings, choose_backend, render, sample_transformers, sample_vllm
-from rlvr.grading import Grader, extract_boxed
+from rlvr.grading import Grader, extract_boxed, grade_matrix
 from rlvr.io import atomic_dir, read_parquet, write_json
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,6 @@ def generate(params: Params, model_dir: Path, prompts: list[str], settings: Samp
         return sample_vllm(models.resolve(model_dir), prompts, settings, params.model.trust_remote_code)
     model, tokenizer = loaded
     return sample_transformers(model, tokenizer, prompts, settings, params.evaluate.batch_size, desc=desc)
-
-
-def grade_matrix(grader: Grader, samples: list[list[str]], golds: list[str]) -> np.ndarray:
-    """(problems x n) float matrix of 1.0 / 0.0, NaN where the gold answer is unparseable."""
-    flat = [(s, g) for row, g in zip(samples, golds) for s in row]
-    scores = grader.grade([s for s, _ in flat], [g for _, g in flat])
-    values = np.array([np.nan if x is None else x for x in scores], dtype=float)
-    return values.reshape(len(samples), -1)
 
 
 def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir: Path, loaded: tuple,

@@ -15,14 +15,20 @@ and sampler RNG) and ends with the same policy as an uninterrupted run; checkpoi
 or inputs, or of a finished run, are discarded. docs/checkpoints.md has the details and the kill
 points tested.
 
+Every `train.eval_steps` steps (and at step 0 and the last step) the policy is evaluated on the
+prepared eval set `train.eval_set` (rlvr.heldout.HeldoutEval: sampled pass@1 and greedy accuracy,
+graded by the reward's grader, without disturbing training's randomness); the points go to MLflow
+and metrics/heldout_curve.csv, and their cost to metrics/train.json (docs/heldout.md).
+
 `train.prompts: band` trains on the prompts the `filter` stage kept (pass rate in its band).
 `train.prof: true` filters every group with PROF before the loss (rule: `prof`, PRM: `prm`), and
 `train.reward: blend` adds `train.blend_weight` x the PRM's process value to the reward (PROF's
 baseline).
 
 Inputs:  models/warmup, data/prepared/train.parquet, data/curated/angles.parquet,
-         data/curated/prompts.parquet
-Outputs: models/policy, models/checkpoints (persist), metrics/train.json, metrics/train_curve.csv
+         data/curated/prompts.parquet, data/prepared/eval/<train.eval_set>.parquet
+Outputs: models/policy, models/checkpoints (persist), metrics/train.json, metrics/train_curve.csv,
+         metrics/heldout_curve.csv
 Run:     dvc repro train   (or: python -m flows train)
 """
 
@@ -39,12 +45,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from trl import GRPOConfig
 
-from rlvr import gain_rl, grpo, models, prof
-from rlvr.config import Params
-from rlvr.generation import messages
+from rlvr import gain_rl, grpo, heldout, models, prof
+from rlvr.config import ConfigError, Params
+from rlvr.generation import SamplingSettings, messages, render
 from rlvr.grading import Grader
 from rlvr.grpo import (GainRLSchedule, MlflowStepMetrics, ProcessValueReward, ProfInLoop, RewardFunction,
                        RLVRGRPOTrainer)
@@ -60,17 +67,39 @@ OUTPUT = Path("models/policy")
 CHECKPOINTS = Path("models/checkpoints")
 METRICS = Path("metrics/train.json")
 CURVE = Path("metrics/train_curve.csv")
+EVAL_DIR = Path("data/prepared/eval")
+HELDOUT_CURVE = Path("metrics/heldout_curve.csv")
 FINGERPRINT = "fingerprint.json"
 
 
+def world_size() -> int:
+    """How many processes train together (1 unless launched with torchrun / accelerate launch)."""
+    return PartialState().num_processes
+
+
+def per_device_rollouts(prompts_per_step: int, num_generations: int, processes: int) -> int:
+    """Rollouts per process and step: K x G over all processes together, split evenly between them."""
+    rollouts = prompts_per_step * num_generations
+    if rollouts % processes:
+        raise ConfigError(
+            f"train.prompts_per_step x train.num_generations = {prompts_per_step} x {num_generations} = {rollouts} "
+            f"rollouts per step do not split over {processes} processes; choose values whose product is divisible "
+            f"by {processes}, or another number of processes")
+    return rollouts // processes
+
+
 def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
-    """The one place where our train params become TRL's GRPOConfig."""
+    """The one place where our train params become TRL's GRPOConfig.
+
+    train.prompts_per_step (K) is per optimizer step over all processes: each process generates
+    K x G / world size rollouts, so TRL's generation_batch_size is K x G whatever the process count.
+    """
     t = params.train
     cuda = torch.cuda.is_available()
     return GRPOConfig(
         output_dir=output_dir,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.prompts_per_step * t.num_generations,
+        per_device_train_batch_size=per_device_rollouts(t.prompts_per_step, t.num_generations, world_size()),
         num_generations=t.num_generations,
         steps_per_generation=1,  # with num_iterations 1: every step generates, so every checkpoint resumes exactly
         shuffle_dataset=False,  # TRL's sampler walks rlvr.grpo.prompt_plan in order (uniform is shuffled there)
@@ -102,20 +131,10 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
 
 
 def gain_rl_schedule(params: Params, ranking: list[int]) -> GainRLSchedule:
-    """The online GAIN-RL schedule; null params take the reference values scaled to this set's size."""
+    """The online GAIN-RL schedule over `ranking` (sigma, n and the delta bounds are fractions of its size)."""
     g = params.train.gain_rl
-    reference = gain_rl.scaled_defaults(len(ranking))
-    return GainRLSchedule(
-        ranking,
-        sigma=g.sigma if g.sigma is not None else reference["sigma"],
-        mu0=g.mu0,
-        n=g.n if g.n is not None else reference["n"],
-        alpha=g.alpha,
-        beta=g.beta,
-        delta_min=g.delta_min,
-        delta_max=g.delta_max if g.delta_max is not None else reference["delta_max"],
-        seed=params.train.seed,
-    )
+    return GainRLSchedule(ranking, sigma=g.sigma, mu0=g.mu0, n=g.n, alpha=g.alpha, beta=g.beta,
+                          delta_min=g.delta_min, delta_max=g.delta_max, seed=params.train.seed, at_end=g.at_end)
 
 
 def fingerprint(params: Params, inputs: list[Path]) -> str:
@@ -180,6 +199,21 @@ def dataset_and_ordering(params: Params, frame: pd.DataFrame, angles: pd.DataFra
     return dataset, [row_of[i] for i in ids]
 
 
+def heldout_eval(params: Params, trainer: RLVRGRPOTrainer, frame: pd.DataFrame,
+                 grader: Grader) -> heldout.HeldoutEval:
+    """The held-out callback: `frame`'s problems, train's sampling settings, the reward's grader.
+
+    Generation batches are the rollouts one process generates per training step (known to fit).
+    The seed is train.seed at every point, so every point draws the same random numbers.
+    """
+    t = params.train
+    settings = SamplingSettings(n=t.eval_n_samples, temperature=t.temperature, top_p=t.top_p,
+                                max_new_tokens=t.eval_max_new_tokens, seed=t.seed)
+    prompts = [render(trainer.processing_class, p, params.prompt) for p in frame["problem"]]
+    return heldout.HeldoutEval(trainer, prompts, frame["answer"].tolist(), grader, t.eval_steps, settings,
+                               batch_size=trainer.args.per_device_train_batch_size)
+
+
 def select_prompts(params: Params, frame: pd.DataFrame, prompts_path: Path) -> pd.DataFrame:
     """All training rows, or (`train.prompts: band`) those the filter stage kept, in file order."""
     if params.train.prompts == "all":
@@ -194,8 +228,14 @@ def select_prompts(params: Params, frame: pd.DataFrame, prompts_path: Path) -> p
 
 def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angles_path: Path = ANGLES,
         checkpoints: Path = CHECKPOINTS, output: Path = OUTPUT,
-        prompts_path: Path = PROMPTS) -> tuple[dict, list[dict]]:
+        prompts_path: Path = PROMPTS, eval_dir: Path = EVAL_DIR) -> tuple[dict, list[dict]]:
+    """Train; returns the metrics and the log history's rows (training and held-out points)."""
     frame = select_prompts(params, read_parquet(train_path, required=("id", "problem", "answer")), prompts_path)
+    eval_path = eval_dir / f"{params.train.eval_set}.parquet"
+    eval_frame = (read_parquet(eval_path, required=("problem", "answer")) if params.train.eval_steps > 0
+                  and params.train.max_steps > 0 else None)
+    if eval_frame is not None and eval_frame.empty:
+        raise ValueError(f"{eval_path}: no problems to evaluate on (train.eval_set = {params.train.eval_set!r})")
     angles = read_parquet(angles_path, required=("id", "rank", "question_length", "valid"))
     model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
     if params.train.max_steps == 0:
@@ -203,6 +243,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
         return {"steps": 0, "train_seconds": 0.0}, []
     dataset, ordering = dataset_and_ordering(params, frame, angles)
     inputs = [model_dir, train_path, angles_path] + ([prompts_path] if params.train.prompts == "band" else [])
+    inputs += [eval_path] if eval_frame is not None else []
     resume = resume_point(checkpoints, fingerprint(params, inputs))
     t = params.train
     prm = prof.load_prm(params.prm) if t.prof or t.reward == "blend" else None
@@ -224,6 +265,9 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
             gain_rl_schedule=gain_rl_schedule(params, ordering) if params.train.order == "gain_rl" else None,
             prof_filter=prof_filter,
         )
+        evaluation = heldout_eval(params, trainer, eval_frame, grader) if eval_frame is not None else None
+        if evaluation is not None:
+            trainer.add_callback(evaluation)
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
@@ -243,8 +287,12 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
         "first_reward": float(rewards[0]) if rewards else float("nan"),
         "final_reward": float(np.mean(rewards[-3:])) if rewards else float("nan"),
     }
+    if evaluation is not None:  # this run's evaluations (after a resume: the resumed part's), within train_seconds
+        metrics["heldout_seconds"] = round(evaluation.seconds, 2)
+        metrics["heldout_cost_frac"] = round(evaluation.seconds / seconds, 4)
     if params.train.order == "gain_rl":
-        metrics["final_mu"] = float(trainer.gain_rl_schedule.sampler.mu)
+        metrics["final_mu"] = float(trainer.gain_rl_schedule.sampler.mu)  # clipped to [0, N-1]
+        metrics["gain_rl_end_step"] = trainer.gain_rl_schedule.end_step  # None: mu never reached N-1
     return metrics, rows
 
 
@@ -257,8 +305,9 @@ def curve_csv(rows: list[dict]) -> str:
 
 def main(params: Params) -> dict:
     metrics, rows = run(params)
-    write_text(CURVE, curve_csv(rows))
-    write_json(METRICS, {k: v for k, v in metrics.items() if np.isfinite(v)})
+    write_text(CURVE, curve_csv([r for r in rows if not heldout.is_point(r)]))
+    write_text(HELDOUT_CURVE, heldout.curve_csv(heldout.curve_rows(rows)))
+    write_json(METRICS, {k: v for k, v in metrics.items() if v is None or np.isfinite(v)})  # None: JSON null
     # Last: a kill before this line resumes from the final checkpoint (zero steps) and rewrites the outputs.
     if params.train.max_steps > 0:
         mark_finished(CHECKPOINTS)

@@ -79,7 +79,7 @@ BAD = [
     ({"train.lr_scheduler": "cosin"}, "train.lr_scheduler", "cosin", r"use one of \[.*'cosine'"),
     ({"prepare.eval[2].preset": "gsm8kk"}, "prepare.eval[2].preset", "gsm8kk", r"use one of \[.*'gsm8k'"),
     ({"prof.remove": 6, "rollout.n_samples": 4}, "prof.remove", 6, r"below rollout\.n_samples \(4\)"),
-    ({"train.gain_rl.n": -5.0}, "train.gain_rl.n", -5.0, r"use a value > 0"),
+    ({"train.gain_rl.n": -5.0}, "train.gain_rl.n", -5.0, r"fractions of N .* use a value in \(0, 1\]"),
     # grading
     ({"grading.timeout_s": -1.0}, "grading.timeout_s", -1.0, r"> 0"),
     ({"grading.workers": 0}, "grading.workers", 0, r">= 1"),
@@ -148,11 +148,19 @@ BAD = [
     ({"train.save_steps": 0}, "train.save_steps", 0, r">= 1"),
     ({"train.logging_steps": 0}, "train.logging_steps", 0, r">= 1"),
     ({"train.blend_weight": -1.0}, "train.blend_weight", -1.0, r">= 0"),
-    ({"train.gain_rl.sigma": 0.0}, "train.gain_rl.sigma", 0.0, r"> 0"),
+    ({"train.gain_rl.sigma": 0.0}, "train.gain_rl.sigma", 0.0, r"use a value in \(0, 1\]"),
+    # the reference's rank positions, now rejected: sigma, n and the delta bounds are fractions of N
+    ({"train.gain_rl.sigma": 1000.0}, "train.gain_rl.sigma", 1000.0,
+     r"fractions of N \(the number of ranked prompts\) now, not rank positions; use a value in \(0, 1\]"),
+    ({"train.gain_rl.n": 500.0}, "train.gain_rl.n", 500.0, r"fractions of N"),
+    ({"train.gain_rl.delta_max": 1000.0}, "train.gain_rl.delta_max", 1000.0, r"fractions of N.*\[0, 1\]"),
+    ({"train.gain_rl.delta_min": -0.1}, "train.gain_rl.delta_min", -0.1, r"fractions of N.*\[0, 1\]"),
+    ({"train.gain_rl.at_end": "restart"}, "train.gain_rl.at_end", "restart", r"use one of \['stay', 'uniform'\]"),
     ({"train.gain_rl.alpha": 0.0}, "train.gain_rl.alpha", 0.0, r"> 0"),
     ({"train.gain_rl.beta": 1.5}, "train.gain_rl.beta", 1.5, r"\[0, 1\]"),
     ({"train.gain_rl.mu0": -1.0}, "train.gain_rl.mu0", -1.0, r">= 0"),
-    ({"train.gain_rl.delta_max": -1.0}, "train.gain_rl.delta_max", -1.0, r">= delta_min \(0\.0\)"),
+    ({"train.gain_rl.delta_min": 0.05, "train.gain_rl.delta_max": 0.02}, "train.gain_rl.delta_max", 0.02,
+     r">= delta_min \(0\.05\)"),
     # evaluate
     ({"evaluate.benchmarks": []}, "evaluate.benchmarks", [], r"at least one"),
     ({"evaluate.benchmarks": ["arith", "arith"]}, "evaluate.benchmarks", ["arith", "arith"], r"each benchmark once"),
@@ -258,7 +266,7 @@ def test_flat_dict_names_sources():
 # null / off / empty means "not used" or "derived"; everything else params.yaml must state.
 OPTIONAL = {
     "model.trust_remote_code", "prompt.system", "prompt.suffix", "prm.trust_remote_code", "prof.remove",
-    "train.gain_rl.sigma", "train.gain_rl.n", "train.gain_rl.delta_max", "tracking.uri",
+    "tracking.uri",
 }
 
 

@@ -147,7 +147,7 @@ def test_check_names_a_missing_input_path(tmp_path):
 def test_rlvr_run_checks_params_before_dvc_deletes_anything(tmp_path):
     shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     raw = real_params_dict()
-    raw["train"]["gain_rl"]["n"] = -5
+    raw["train"]["gain_rl"]["alpha"] = -5
     _write_params(tmp_path, raw)
     outputs = {"data/prepared/train.parquet": b"last good train set", "models/warmup/config.json": b"{}",
                "metrics/eval.json": b'{"arith": {"pass_at_1": 0.5}}'}
@@ -158,7 +158,7 @@ def test_rlvr_run_checks_params_before_dvc_deletes_anything(tmp_path):
     result = _run(["-m", "flows.cli", "run"], tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "rlvr run: params.yaml: train.gain_rl.n = -5.0: use a value > 0 (traceback in logs/run.log; "
+        "rlvr run: params.yaml: train.gain_rl.alpha = -5.0: use a value > 0 (traceback in logs/run.log; "
         "RLVR_DEBUG=1 shows it here)"]
     for name, content in outputs.items():
         assert (tmp_path / name).read_bytes() == content

@@ -70,11 +70,25 @@ def direct_concentration(hidden, q_mask, p_mask):
 
 
 def direct_causal(hidden, mask):
-    """The causal mean cosine by an explicit double loop over the valid tokens."""
+    """The spec's definition with the explicit L x L matrix: per sequence, the valid tokens' cosine
+    matrix, masked to its lower triangle (j <= i, diagonal included), and the mean over those pairs."""
     out = []
     for h, m in zip(hidden, mask):
         u = torch.nn.functional.normalize(h[m].double(), dim=-1)
-        per_token = [sum(float(u[t] @ u[s]) for s in range(t + 1)) / (t + 1) for t in range(len(u))]
+        if len(u) == 0:
+            out.append(float("nan"))
+            continue
+        lower = torch.tril(torch.ones(len(u), len(u), dtype=torch.bool))
+        out.append(float((u @ u.T)[lower].mean()))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def per_token_mean_causal(hidden, mask):
+    """The formula used before: each token's mean cosine with the tokens up to it, averaged over tokens."""
+    out = []
+    for h, m in zip(hidden, mask):
+        u = torch.nn.functional.normalize(h[m].double(), dim=-1)
+        per_token = [float((u[: i + 1] @ u[i]).sum()) / (i + 1) for i in range(len(u))]
         out.append(sum(per_token) / len(per_token))
     return torch.tensor(out, dtype=torch.float32)
 
@@ -128,13 +142,44 @@ def test_identical_rows_have_concentration_one():
     torch.testing.assert_close(c_inter, torch.ones(1))
 
 
-def test_causal_angle_equals_direct_loop():
+def test_causal_angle_equals_the_explicit_lower_triangle_mean_with_padding_on_both_sides():
     generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(5, 11, 6, generator=generator) + 0.3
-    valid, _, _ = random_masks(generator, 5, 11)
-    hidden[~valid] = float("nan")
+    hidden = torch.randn(8, 11, 6, generator=generator) + 0.3
+    valid, _, _ = random_masks(generator, 8, 11)  # even rows left-padded, odd rows right-padded
+    valid[6] = False
+    valid[6, 4] = True  # L = 1 in the middle of padding: its only pair is (1, 1), cosine 1
+    valid[7] = False  # no valid token at all
+    hidden[~valid] = float("nan")  # padding rows must not leak in, whatever they hold
     got = gain_rl.causal_angle(hidden, valid)
-    torch.testing.assert_close(got, direct_causal(hidden, valid), atol=1e-5, rtol=0)
+    want = direct_causal(torch.nan_to_num(hidden), valid)
+    assert got.dtype == torch.float32 and got.shape == (8,)
+    torch.testing.assert_close(got[:7], want[:7], atol=1e-5, rtol=0)
+    assert got[6] == pytest.approx(1.0)
+    assert math.isnan(got[7]) and math.isnan(want[7])  # no tokens, no pairs: NaN, never 0
+
+
+def test_causal_angle_hand_worked_pair_mean_differs_from_the_per_token_mean():
+    # u1 = u2 = e1, u3 = e2. Pairs j <= i: (1,1) 1, (2,1) 1, (2,2) 1, (3,1) 0, (3,2) 0, (3,3) 1
+    # -> pair mean 4 / 6 = 2/3. The per-token mean (1 + (1+1)/2 + (0+0+1)/3) / 3 = 7/9 gives the
+    # single pair of token 1 weight 1/3 and each of token 3's pairs only 1/9.
+    hidden = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 5.0]]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert float(gain_rl.causal_angle(hidden, mask)[0]) == pytest.approx(2 / 3)
+    assert float(per_token_mean_causal(hidden, mask)[0]) == pytest.approx(7 / 9)
+
+
+def test_the_old_per_token_mean_overweights_early_tokens_on_random_states():
+    # Random states whose first tokens point one way and later ones spread out (as a shared prompt
+    # prefix followed by varied text would): the per-token mean leans on the early, concentrated
+    # tokens, so it is clearly larger than the pair mean, which the new code computes.
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 40, 16, generator=generator)
+    hidden[:, :8] += 4.0  # the first 8 tokens share a direction
+    mask = torch.ones(4, 40, dtype=torch.bool)
+    new = gain_rl.causal_angle(hidden, mask)
+    old = per_token_mean_causal(hidden, mask)
+    torch.testing.assert_close(new, direct_causal(hidden, mask), atol=1e-5, rtol=0)
+    assert torch.all(old > 1.5 * new)
 
 
 def test_causal_angle_same_sequence_left_or_right_padded_gives_same_value():
@@ -400,16 +445,31 @@ def test_order_positions_for_the_ablation():
     ],
 )
 def test_mu_update_hand_worked(acc, ang, n, delta_min, delta_max, want_delta):
-    new_mu, delta = gain_rl.mu_update(100.0, acc, ang, n, 2.0, 0.5, delta_min, delta_max)
+    new_mu, delta = gain_rl.mu_update(1000.0, 5000, acc, ang, n, 2.0, 0.5, delta_min, delta_max)
     assert delta == pytest.approx(want_delta, abs=1e-6)
-    assert new_mu == pytest.approx(100.0 + want_delta, abs=1e-6)
+    assert new_mu == pytest.approx(1000.0 + want_delta, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mu, delta_min, delta_max, want_mu",
+    [
+        (3000.0, 0.0, 1000.0, 3355.0),  # 3000 + 1000 = 4000 > N - 1 = 3355: clipped (issue 10's 3,355)
+        (3355.0, 0.0, 1000.0, 3355.0),  # already at the end: stays, never above
+        (50.0, -1000.0, -1000.0, 0.0),  # 50 - 1000 < 0: clipped at the first position
+    ],
+)
+def test_mu_update_clips_mu_itself_to_the_ranking(mu, delta_min, delta_max, want_mu):
+    new_mu, delta = gain_rl.mu_update(mu, 3356, 1.0, 0.3, 1000, 2.0, 0.5, delta_min, delta_max)
+    assert new_mu == want_mu and delta == delta_max
 
 
 def test_mu_update_rejects_bad_inputs():
     with pytest.raises(ValueError, match="delta_min"):
-        gain_rl.mu_update(0.0, 0.5, 0.0, 500, 2, 0.5, 10.0, 0.0)
+        gain_rl.mu_update(0.0, 10, 0.5, 0.0, 500, 2, 0.5, 10.0, 0.0)
     with pytest.raises(ValueError, match="finite"):
-        gain_rl.mu_update(0.0, float("nan"), 0.0, 500, 2, 0.5, 0.0, 1000.0)
+        gain_rl.mu_update(0.0, 10, float("nan"), 0.0, 500, 2, 0.5, 0.0, 1000.0)
+    with pytest.raises(ValueError, match="NaN"):
+        gain_rl.mu_update(float("nan"), 10, 0.5, 0.0, 500, 2, 0.5, 0.0, 1000.0)
 
 
 def test_sampler_draws_distinct_sorted_positions_and_caps_at_n():
@@ -424,25 +484,27 @@ def test_sampler_draws_distinct_sorted_positions_and_caps_at_n():
 
 
 def spec_weights(sampler: gain_rl.GaussianSampler) -> np.ndarray:
-    """The design's w_i = exp(-((i - mu) / sigma)^2 / 2) over positions 0..N-1, mu clipped to the
-    ranking, normalised: written here from the spec, independently of the sampler's code."""
-    center = min(max(sampler.mu, 0.0), sampler.n_items - 1.0)
-    z = (np.arange(sampler.n_items) - center) / sampler.sigma
+    """The design's w_i = exp(-((i - mu) / sigma)^2 / 2) over positions 0..N-1, normalised: written
+    here from the spec, independently of the sampler's code."""
+    z = (np.arange(sampler.n_items) - sampler.mu) / sampler.sigma
     log_w = -0.5 * z * z
     w = np.exp(log_w - log_w.max())
     return w / w.sum()
 
 
 @pytest.mark.parametrize(
-    "mu, sigma, peak", [(1e12, 3.0, 99), (-1e12, 3.0, 0), (1e12, 1e-6, 99), (float("inf"), 3.0, 99)]
+    "mu0, sigma, peak", [(1e12, 3.0, 99), (1e12, 1e-6, 99), (float("inf"), 3.0, 99), (99.0, 3.0, 99)]
 )
-def test_sampler_survives_mu_far_outside_the_ranking(mu, sigma, peak):
-    sampler = gain_rl.GaussianSampler(n_items=100, sigma=sigma, mu0=mu, seed=0)
+def test_sampler_clips_mu0_to_the_ranking_and_draws_with_finite_weights(mu0, sigma, peak):
+    sampler = gain_rl.GaussianSampler(n_items=100, sigma=sigma, mu0=mu0, seed=0)
+    assert sampler.mu == 99.0 and sampler.end_update == 0  # at the end before any update
     weights = spec_weights(sampler)
     assert np.all(np.isfinite(weights)) and weights.sum() == pytest.approx(1.0)
     assert int(np.argmax(weights)) == peak
     drawn = sampler.draw(10)  # more than the Gaussian's effective width when sigma is tiny
     assert len(set(drawn.tolist())) == 10 and peak in drawn
+    with pytest.raises(ValueError, match="NaN"):
+        gain_rl.GaussianSampler(n_items=100, sigma=sigma, mu0=float("nan"), seed=0)
 
 
 def test_sampler_weights_concentrate_near_mu_and_draw_frequencies_follow_them():
@@ -458,46 +520,85 @@ def test_sampler_weights_concentrate_near_mu_and_draw_frequencies_follow_them():
 
 
 def test_sampler_is_identical_on_two_ranks_and_resumes_exactly_from_json():
-    rank0 = gain_rl.GaussianSampler(n_items=200, sigma=20.0, mu0=0.0, seed=7)
-    rank1 = gain_rl.GaussianSampler(n_items=200, sigma=20.0, mu0=0.0, seed=7)
+    rank0 = gain_rl.GaussianSampler(n_items=200, sigma=20.0, mu0=0.0, seed=7, at_end="uniform")
+    rank1 = gain_rl.GaussianSampler(n_items=200, sigma=20.0, mu0=0.0, seed=7, at_end="uniform")
     for step in range(5):
         assert rank0.draw(16).tolist() == rank1.draw(16).tolist()
         assert rank0.update(0.6, 0.05, 10, 2, 0.5, 0, 20) == rank1.update(0.6, 0.05, 10, 2, 0.5, 0, 20)
     checkpoint = json.dumps(rank0.state_dict())
     uninterrupted = []
-    for _ in range(3):
+    for _ in range(12):  # 12 steps of the maximum delta 20 take mu past the end: uniform draws follow
         uninterrupted.append(rank0.draw(16).tolist())
-        rank0.update(0.9, 0.1, 10, 2, 0.5, 0, 20)
+        rank0.update(0.9, 0.5, 10, 2, 0.5, 20, 20)
+    assert rank0.end_update is not None and rank0.end_update < rank0.updates
 
-    resumed = gain_rl.GaussianSampler(n_items=200, sigma=20.0, mu0=0.0, seed=999)
+    resumed = gain_rl.GaussianSampler(n_items=200, sigma=20.0, mu0=0.0, seed=999, at_end="uniform")
     resumed.load_state_dict(json.loads(checkpoint))
-    assert resumed.mu == rank1.mu and resumed.draws == 5
+    assert resumed.mu == rank1.mu and resumed.draws == 5 and resumed.updates == 5 and resumed.end_update is None
     replayed = []
-    for _ in range(3):
+    for _ in range(12):
         replayed.append(resumed.draw(16).tolist())
-        resumed.update(0.9, 0.1, 10, 2, 0.5, 0, 20)
-    assert replayed == uninterrupted and resumed.mu == rank0.mu
+        resumed.update(0.9, 0.5, 10, 2, 0.5, 20, 20)
+    assert replayed == uninterrupted and resumed.mu == rank0.mu and resumed.end_update == rank0.end_update
 
-    other = gain_rl.GaussianSampler(n_items=201, sigma=20.0, mu0=0.0, seed=7)
-    with pytest.raises(ValueError, match="n_items"):
-        other.load_state_dict(json.loads(checkpoint))
+    for other, key in ((gain_rl.GaussianSampler(n_items=201, sigma=20.0, mu0=0.0, seed=7, at_end="uniform"), "n_items"),
+                       (gain_rl.GaussianSampler(n_items=200, sigma=20.0, mu0=0.0, seed=7, at_end="stay"), "at_end")):
+        with pytest.raises(ValueError, match=key):
+            other.load_state_dict(json.loads(checkpoint))
+    outside = {**json.loads(checkpoint), "mu": 3355.0}  # an unclipped mu from before issue 10
+    with pytest.raises(ValueError, match="outside the ranking"):
+        resumed.load_state_dict(outside)
 
 
-def test_sampler_update_moves_mu_by_mu_update():
+def test_sampler_update_clips_mu_and_records_the_first_update_at_the_end():
     sampler = gain_rl.GaussianSampler(n_items=10, sigma=2.0, mu0=1.0, seed=0)
-    delta = sampler.update(0.75, 0.1, 500, 2.0, 0.5, 0.0, 1000.0)
-    assert delta == pytest.approx(329.746238742) and sampler.mu == pytest.approx(330.746238742)
-    assert int(np.argmax(spec_weights(sampler))) == 9  # mu beyond N - 1 is clipped for the weights
+    # 4 tanh(2 * 0.25) + 4 tanh(2 * 0.1) = 1.848469 + 0.789501 = 2.637970 (bounds [0, 5])
+    delta = sampler.update(0.75, 0.1, 4.0, 2.0, 0.5, 0.0, 5.0)
+    assert delta == pytest.approx(2.637970, abs=1e-6) and sampler.mu == pytest.approx(3.637970, abs=1e-6)
+    assert sampler.end_update is None
+    delta = sampler.update(0.75, 0.1, 500.0, 2.0, 0.5, 0.0, 1000.0)  # a large delta: 329.75
+    assert delta == pytest.approx(329.746238742) and sampler.mu == 9.0  # N - 1, never above
+    assert sampler.end_update == 2 and sampler.updates == 2
+    sampler.update(1.0, 1.0, 500.0, 2.0, 0.5, 0.0, 1000.0)
+    assert sampler.mu == 9.0 and sampler.end_update == 2  # the first update at the end, not the latest
+    assert sampler.state_dict()["mu"] == 9.0
+    assert int(np.argmax(spec_weights(sampler))) == 9
 
 
-def test_scaled_defaults():
-    assert gain_rl.scaled_defaults(5000) == {"sigma": 1000.0, "n": 500.0, "alpha": 2.0, "beta": 0.5,
-                                             "delta_min": 0.0, "delta_max": 1000.0, "mu0": 0.0}
-    small = gain_rl.scaled_defaults(300)  # x 300 / 5000 = 0.06
-    assert small["sigma"] == pytest.approx(60.0) and small["n"] == pytest.approx(30.0)
-    assert small["delta_max"] == pytest.approx(60.0) and small["alpha"] == 2.0
-    with pytest.raises(ValueError):
-        gain_rl.scaled_defaults(0)
+def test_at_end_stay_keeps_the_gaussian_at_the_last_rank():
+    sampler = gain_rl.GaussianSampler(n_items=1000, sigma=10.0, mu0=0.0, seed=0, at_end="stay")
+    sampler.update(1.0, 1.0, 5000.0, 2.0, 0.5, 0.0, 5000.0)
+    assert sampler.mu == 999.0 and sampler.end_update == 1
+    for _ in range(20):
+        assert sampler.draw(16).min() >= 999 - 60  # within 6 sigma of the end, every time
+
+
+def test_at_end_uniform_draws_k_distinct_prompts_from_all_n_with_the_sampler_rng():
+    n_items, k = 50, 8
+    sampler = gain_rl.GaussianSampler(n_items=n_items, sigma=2.0, mu0=0.0, seed=5, at_end="uniform")
+    before = sampler.draw(k)
+    assert before.max() < 15  # before the end: Gaussian around mu = 0
+    sampler.update(1.0, 1.0, 100.0, 2.0, 0.5, 0.0, 100.0)
+    assert sampler.mu == n_items - 1 and sampler.end_update == 1
+    # the same draws as a numpy Generator in the sampler's state would make: rng.choice without replacement
+    twin = np.random.Generator(np.random.PCG64(0))
+    twin.bit_generator.state = sampler.state_dict()["rng"]
+    counts = np.zeros(n_items)
+    for _ in range(2000):
+        drawn = sampler.draw(k)
+        assert drawn.tolist() == sorted(twin.choice(n_items, size=k, replace=False).tolist())
+        assert len(set(drawn.tolist())) == k and np.all(np.diff(drawn) > 0)
+        counts[drawn] += 1
+    # uniform: each position in a draw with probability k / N = 0.16, so about 320 times in 2000 draws
+    assert counts.min() > 250 and counts.max() < 400
+    assert gain_rl.GaussianSampler(5, 1.0, 4.0, seed=0, at_end="uniform").draw(12).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="at_end"):
+        gain_rl.GaussianSampler(5, 1.0, 0.0, seed=0, at_end="restart")
+
+
+def test_reference_constants_are_the_published_ones():
+    assert gain_rl.REFERENCE == {"sigma": 1000.0, "n": 500.0, "alpha": 2.0, "beta": 0.5, "delta_min": 0.0,
+                                 "delta_max": 1000.0, "mu0": 0.0}
 
 
 def test_expand_for_trl_matches_the_repeat_sampler_layout():

@@ -197,3 +197,47 @@ def test_a_temporary_experiment_reuses_the_workspace_rollout_cache(repo):
     assert metrics["prompts"] == 20 and metrics["chunks"] == 2
     assert metrics["chunks_reused"] == 2 and metrics["chunks_sampled"] == 0
     assert sorted(p.name for p in cache.glob("*.parquet")) == chunks
+
+
+def test_a_grid_of_orders_and_seeds_runs_in_dvcs_queue_and_is_compared(repo):
+    """`rlvr grid` queues 2 orders x 2 seeds as DVC experiments and runs them; `rlvr compare` pairs them."""
+    path, _ = repo
+    _dvc(path, "repro")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=path, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline outputs"], cwd=path, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "DVC_"))}
+    env.update(GIT_IDENTITY, PYTHONPATH=str(path), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cli = [sys.executable, "-m", "flows.cli"]
+    ran = subprocess.run([*cli, "grid", "--name", "ord", "-S", "train.order=uniform,length", "-S", "train.seed=0,1"],
+                         cwd=path, env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert "4 succeeded, 0 did not" in ran.stdout
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=-1)", "refs/exps"], cwd=path,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert {"ord-uniform-0", "ord-uniform-1", "ord-length-0", "ord-length-1"} <= set(refs)
+    for name in ("ord-uniform-1", "ord-length-0"):  # each experiment trained with its own params
+        params = yaml.safe_load(subprocess.run(["git", "show", f"{_ref(path, name)}:params.yaml"], cwd=path,
+                                               capture_output=True, text=True, check=True).stdout)
+        assert (params["train"]["order"], str(params["train"]["seed"])) == tuple(name.split("-")[1:3])
+
+    compared = subprocess.run([*cli, "compare", "--grid", "ord", "--baseline", "train.order=uniform"], cwd=path,
+                              env=env, capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout[-3000:] + compared.stderr[-3000:]
+    report = json.loads((path / "reports/ord/compare.json").read_text())
+    assert [v["variant"] for v in report["variants"]] == ["train.order=uniform", "train.order=length"]
+    length = report["variants"][1]
+    assert length["seeds"] == [0, 1]
+    assert (path / "reports/ord/compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "train.order=length" in (path / "reports/ord/compare.md").read_text()
+    with sqlite3.connect(path / "mlruns/mlflow.db") as db:
+        parent = db.execute("select run_uuid from runs where name = 'compare-ord'").fetchall()
+        children = db.execute("select count(*) from tags where key = 'mlflow.parentRunId' and value = ?",
+                              (parent[0][0],)).fetchone()[0]
+    assert len(parent) == 1 and children == 4
+
+
+def _ref(path: Path, name: str) -> str:
+    return subprocess.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/**/{name}"], cwd=path,
+                          capture_output=True, text=True, check=True).stdout.split()[0]

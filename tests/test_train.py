@@ -3,6 +3,7 @@
 Kills and resumes: tests/test_train_kill.py.
 """
 
+import json
 import os
 
 import pandas as pd
@@ -61,6 +62,10 @@ def test_every_order_trains_and_writes_curves(workdir, monkeypatch, order):
     curve = pd.read_csv(workdir / "metrics/train_curve.csv")
     assert curve["step"].tolist() == [1, 2]
     assert ("gain_rl/mu" in curve.columns) == (order == "gain_rl")
+    if order == "gain_rl":  # N = 24 band prompts; 2 steps of at most delta_max x N cannot reach N - 1 = 23
+        written = json.loads((workdir / "metrics/train.json").read_text())
+        assert written["gain_rl_end_step"] is None  # written as null, not left out
+        assert 0.0 <= written["final_mu"] <= 2 * params.train.gain_rl.delta_max * 24 < 23
     loaded, _ = models.load_policy(workdir / "models/policy")
     assert loaded.config.model_type == "qwen2"
 

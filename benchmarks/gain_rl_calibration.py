@@ -1,0 +1,204 @@
+"""Calibrate GAIN-RL's online step size on the built-in task: at which step does mu reach N-1?
+
+mu moves by delta = n tanh(alpha (acc - beta)) + n tanh(alpha ang) per step, so the step at which
+it reaches the end of the ranking depends on the accuracy and the angle concentration of the prompts
+it passes over. This script measures both with the warm-up model, along the GAIN-RL ranking of the
+band prompts that `train` uses (`train.prompts: band`), and replays the schedule:
+
+- acc: each band prompt's pass rate over its `rollout.n_samples` warm-up rollouts
+  (data/rollouts/pass_rates.parquet).
+- ang: `rlvr.gain_rl.causal_angle` of each of those rollouts (prompt + completion tokens, as TRL
+  lays them out: the chat-template prompt, the completion, and the end-of-sequence token when the
+  completion stopped before `train.max_completion_length`), at the input of the last MLP of the
+  warm-up model; averaged per prompt. The old per-token-mean formula is measured next to it.
+- replay: `rlvr.grpo.GainRLSchedule` with the train params draws K = train.prompts_per_step
+  positions per step; each drawn prompt contributes G = train.num_generations Bernoulli(pass rate)
+  rollouts to acc and its mean ang to ang; mu moves; repeated for `--replays` seeds. The first step
+  at which mu = N-1 is reported (median and range over the seeds), for the params in params.yaml
+  and for a grid of n (with sigma = delta_max = 2 n, the reference's proportions).
+
+What is not covered: the policy improves while it trains, so real acc (and with it the pace of mu)
+rises over a run; the replay keeps the warm-up model's pass rates. A real run's crossing step is
+therefore at most the replay's, typically a little earlier (docs/algorithms.md reports both).
+
+Inputs (under --workspace, default the project root): params.yaml, models/warmup,
+data/prepared/train.parquet, data/curated/angles.parquet, data/curated/prompts.parquet,
+data/rollouts/rollouts.parquet, data/rollouts/pass_rates.parquet (what `dvc repro filter` leaves).
+Run: python benchmarks/gain_rl_calibration.py [--workspace DIR] [--replays 20] [--target 135]
+                                              [--out benchmarks/results/gain_rl_calibration.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rlvr import config, gain_rl, models  # noqa: E402
+from rlvr.generation import messages  # noqa: E402
+from rlvr.grpo import GainRLSchedule  # noqa: E402
+from rlvr.io import read_parquet, write_json  # noqa: E402
+from stages import train  # noqa: E402
+
+N_GRID = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05, 0.1)
+
+
+def band_ranking(params: config.Params, workspace: Path) -> tuple[pd.DataFrame, list[int]]:
+    """The training rows `train` uses and their GAIN-RL order (row indices), exactly as the stage builds them."""
+    frame = train.select_prompts(params, read_parquet(workspace / train.TRAIN, required=("id", "problem", "answer")),
+                                 workspace / train.PROMPTS)
+    angles = read_parquet(workspace / train.ANGLES, required=("id", "rank", "question_length", "valid"))
+    gain_rl_params = dataclasses.replace(params, train=dataclasses.replace(params.train, order="gain_rl"))
+    _, ordering = train.dataset_and_ordering(gain_rl_params, frame, angles)
+    return frame, ordering
+
+
+def old_per_token_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The formula before issue 10: (1/L) sum_i <u_i, S_i> / i, a mean of per-token means."""
+    unit = torch.nn.functional.normalize(hidden.float(), dim=-1) * mask.unsqueeze(-1)
+    unit = torch.nan_to_num(unit)
+    per_token = torch.linalg.vecdot(unit, unit.cumsum(dim=1)) / mask.cumsum(dim=1).clamp_min(1)
+    return (per_token * mask).sum(-1) / mask.sum(-1)
+
+
+def rollout_angles(params: config.Params, workspace: Path, frame: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+    """Per rollout of the band prompts: causal_angle (new) and the old per-token mean, with the warm-up model."""
+    rollouts = read_parquet(workspace / "data/rollouts/rollouts.parquet", required=("id", "sample", "completion"))
+    rollouts = rollouts[rollouts["id"].isin(set(frame["id"]))].reset_index(drop=True)
+    problem_of = dict(zip(frame["id"], frame["problem"]))
+    model, tokenizer = models.load_policy(workspace / train.MODEL, trust_remote_code=params.model.trust_remote_code)
+    model.eval()
+    max_completion = params.train.max_completion_length
+    sequences = []
+    for id_, completion in zip(rollouts["id"], rollouts["completion"]):
+        prompt_ids = tokenizer.apply_chat_template(messages(problem_of[id_], params.prompt), tokenize=True,
+                                                   add_generation_prompt=True)
+        if isinstance(prompt_ids, dict):  # transformers >= 5 returns a BatchEncoding
+            prompt_ids = prompt_ids["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"][:max_completion]
+        if len(completion_ids) < max_completion:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]  # generation stopped at EOS
+        sequences.append(list(prompt_ids) + completion_ids)
+    new, old = np.empty(len(sequences)), np.empty(len(sequences))
+    by_length = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(by_length), batch_size):
+        rows = by_length[start:start + batch_size]
+        width = max(len(sequences[i]) for i in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for slot, i in enumerate(rows):  # right-padded, as TRL's completions are
+            ids[slot, :len(sequences[i])] = torch.tensor(sequences[i])
+            mask[slot, :len(sequences[i])] = True
+        hidden = gain_rl.mlp_inputs(model, ids, mask.long())
+        new[rows] = gain_rl.causal_angle(hidden, mask).numpy()
+        old[rows] = old_per_token_mean(hidden, mask).numpy()
+    return rollouts.assign(ang=new, ang_old=old, tokens=[len(s) for s in sequences])
+
+
+def replay(params: config.Params, ranking: list[int], pass_rate: np.ndarray, ang: np.ndarray, g: config.GainRL,
+           seeds: int) -> dict:
+    """Replay the schedule with warm-up pass rates; per seed the first step with mu = N-1 (None: never)."""
+    k, n_gen, steps = params.train.prompts_per_step, params.train.num_generations, params.train.max_steps
+    ends, paths = [], []
+    for seed in range(seeds):
+        schedule = GainRLSchedule(ranking, sigma=g.sigma, mu0=g.mu0, n=g.n, alpha=g.alpha, beta=g.beta,
+                                  delta_min=g.delta_min, delta_max=g.delta_max, seed=seed, at_end=g.at_end)
+        rng = np.random.default_rng(seed)
+        path = []
+        for _ in range(steps):
+            rows = schedule.draw(k)
+            acc = rng.binomial(n_gen, pass_rate[rows]).sum() / (n_gen * len(rows))
+            schedule.update(float(acc), float(ang[rows].mean()))
+            path.append(schedule.sampler.mu)
+        ends.append(schedule.end_step)
+        paths.append(path)
+    reached = [e for e in ends if e is not None]
+    mean_path = np.mean(paths, axis=0)
+    return {
+        "sigma": g.sigma, "n": g.n, "delta_min": g.delta_min, "delta_max": g.delta_max,
+        "end_step_median": float(np.median(reached)) if len(reached) == len(ends) else None,
+        "end_step_min": min(reached) if reached else None,
+        "end_step_max": max(reached) if len(reached) == len(ends) else None,
+        "reached": f"{len(reached)}/{len(ends)}",
+        "mean_mu_by_step": {str(s): round(float(mean_path[s - 1]), 1) for s in (25, 50, 75, 100, 125, 150)
+                            if s <= steps},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", type=Path, default=ROOT, help="where params.yaml and the stage outputs are")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml",
+                        help="params for the schedule and the train settings (default: this checkout's)")
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--target", type=int, default=135, help="the crossing step the grid result aims at")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gain_rl_calibration.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    params = config.load(args.params)
+    started = time.perf_counter()
+    frame, ordering = band_ranking(params, args.workspace)
+    rates = read_parquet(args.workspace / "data/rollouts/pass_rates.parquet", required=("id", "pass_rate"))
+    pass_rate_of = dict(zip(rates["id"], rates["pass_rate"]))
+    angles = rollout_angles(params, args.workspace, frame, args.batch_size)
+    per_prompt = angles.groupby("id")[["ang", "ang_old"]].mean()
+    # Arrays over dataset rows (what GainRLSchedule.draw returns), then viewed in rank order.
+    pass_rate = np.array([pass_rate_of[i] for i in frame["id"]], dtype=float)
+    ang = per_prompt.loc[frame["id"], "ang"].to_numpy()
+    ang_old = per_prompt.loc[frame["id"], "ang_old"].to_numpy()
+    by_rank = np.array(ordering)
+    deciles = np.array_split(by_rank, 10)
+    g = params.train.gain_rl
+    current = replay(params, ordering, pass_rate, ang, g, args.replays)
+    grid = [replay(params, ordering, pass_rate, ang,
+                   dataclasses.replace(g, n=n, sigma=min(2 * n, 1.0), delta_max=min(2 * n, 1.0)), args.replays)
+            for n in N_GRID]
+    finite = [row for row in grid if row["end_step_median"] is not None]
+    best = min(finite, key=lambda row: abs(row["end_step_median"] - args.target)) if finite else None
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "workspace": str(args.workspace),
+        "n_prompts": len(ordering),
+        "rollouts": len(angles),
+        "steps": params.train.max_steps, "k": params.train.prompts_per_step, "g": params.train.num_generations,
+        "alpha": g.alpha, "beta": g.beta,
+        "acc_mean": round(float(pass_rate.mean()), 4),
+        "ang_mean": round(float(ang.mean()), 4),
+        "ang_old_formula_mean": round(float(ang_old.mean()), 4),
+        "ang_old_over_new": round(float(ang_old.mean() / ang.mean()), 3),
+        "tokens_per_rollout_mean": round(float(angles["tokens"].mean()), 1),
+        "acc_by_rank_decile": [round(float(pass_rate[d].mean()), 3) for d in deciles],
+        "ang_by_rank_decile": [round(float(ang[d].mean()), 4) for d in deciles],
+        "delta_at_mean_over_n": round(float(np.tanh(g.alpha * (pass_rate.mean() - g.beta))
+                                            + np.tanh(g.alpha * ang.mean())), 4),
+        "replays": args.replays,
+        "params_yaml": current,
+        "grid_sigma_eq_delta_max_eq_2n": grid,
+        "closest_to_target": best,
+        "target": args.target,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(args.out, result)
+    print(f"N = {result['n_prompts']}, acc {result['acc_mean']}, ang {result['ang_mean']} "
+          f"(old formula {result['ang_old_formula_mean']}, x{result['ang_old_over_new']})")
+    print(f"params.yaml (sigma {g.sigma}, n {g.n}, delta [{g.delta_min}, {g.delta_max}]): end step median "
+          f"{current['end_step_median']} [{current['end_step_min']}, {current['end_step_max']}], {current['reached']}")
+    for row in grid:
+        print(f"  n {row['n']:<7} sigma = delta_max {row['sigma']:<7} end step median {row['end_step_median']} "
+              f"[{row['end_step_min']}, {row['end_step_max']}] reached {row['reached']}  mu {row['mean_mu_by_step']}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
