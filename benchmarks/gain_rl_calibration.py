@@ -16,10 +16,14 @@ band prompts that `train` uses (`train.prompts: band`), and replays the schedule
   rollouts to acc and its mean ang to ang; mu moves; repeated for `--replays` seeds. The first step
   at which mu = N-1 is reported (median and range over the seeds), for the params in params.yaml
   and for a grid of n (with sigma = delta_max = 2 n, the reference's proportions).
+- learning: the policy improves while it trains, so acc rises over a run. Each replay is made twice:
+  with the warm-up pass rates throughout ("fixed"), and with every pass rate raised linearly to
+  +rise at the last step ("learning"), where rise is what a uniform run's training reward gained
+  (`--curve`, default the committed metrics/train_curve.csv of the default pipeline: mean reward of
+  its last 4 logged rows minus that of its first 4). Only ang is kept at its warm-up value.
 
-What is not covered: the policy improves while it trains, so real acc (and with it the pace of mu)
-rises over a run; the replay keeps the warm-up model's pass rates. A real run's crossing step is
-therefore at most the replay's, typically a little earlier (docs/algorithms.md reports both).
+What is not covered: how much faster the policy learns on the prompts GAIN-RL feeds it than on
+uniform ones, and how ang moves during training; a real run checks the result (docs/algorithms.md).
 
 Inputs (under --workspace, default the project root): params.yaml, models/warmup,
 data/prepared/train.parquet, data/curated/angles.parquet, data/curated/prompts.parquet,
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rlvr import config, gain_rl, models  # noqa: E402
-from rlvr.generation import messages  # noqa: E402
+from rlvr.generation import render  # noqa: E402
 from rlvr.grpo import GainRLSchedule  # noqa: E402
 from rlvr.io import read_parquet, write_json  # noqa: E402
 from stages import train  # noqa: E402
@@ -81,10 +85,8 @@ def rollout_angles(params: config.Params, workspace: Path, frame: pd.DataFrame, 
     max_completion = params.train.max_completion_length
     sequences = []
     for id_, completion in zip(rollouts["id"], rollouts["completion"]):
-        prompt_ids = tokenizer.apply_chat_template(messages(problem_of[id_], params.prompt), tokenize=True,
-                                                   add_generation_prompt=True)
-        if isinstance(prompt_ids, dict):  # transformers >= 5 returns a BatchEncoding
-            prompt_ids = prompt_ids["input_ids"]
+        # the chat template writes every special token itself, as TRL tokenizes conversational prompts
+        prompt_ids = tokenizer(render(tokenizer, problem_of[id_], params.prompt), add_special_tokens=False)["input_ids"]
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"][:max_completion]
         if len(completion_ids) < max_completion:
             completion_ids = completion_ids + [tokenizer.eos_token_id]  # generation stopped at EOS
@@ -105,9 +107,18 @@ def rollout_angles(params: config.Params, workspace: Path, frame: pd.DataFrame, 
     return rollouts.assign(ang=new, ang_old=old, tokens=[len(s) for s in sequences])
 
 
+def reward_rise(curve: Path) -> float:
+    """What a run's training reward gained: mean of the last 4 logged rewards minus the first 4."""
+    rewards = pd.read_csv(curve)["reward"].dropna().to_numpy()
+    if len(rewards) < 8:
+        raise ValueError(f"{curve}: need at least 8 logged rewards, found {len(rewards)}")
+    return float(rewards[-4:].mean() - rewards[:4].mean())
+
+
 def replay(params: config.Params, ranking: list[int], pass_rate: np.ndarray, ang: np.ndarray, g: config.GainRL,
-           seeds: int) -> dict:
-    """Replay the schedule with warm-up pass rates; per seed the first step with mu = N-1 (None: never)."""
+           seeds: int, rise: float = 0.0) -> dict:
+    """Replay the schedule with warm-up pass rates (+ rise x step / steps); per seed the first step with
+    mu = N-1 (None: never)."""
     k, n_gen, steps = params.train.prompts_per_step, params.train.num_generations, params.train.max_steps
     ends, paths = [], []
     for seed in range(seeds):
@@ -115,9 +126,10 @@ def replay(params: config.Params, ranking: list[int], pass_rate: np.ndarray, ang
                                   delta_min=g.delta_min, delta_max=g.delta_max, seed=seed, at_end=g.at_end)
         rng = np.random.default_rng(seed)
         path = []
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             rows = schedule.draw(k)
-            acc = rng.binomial(n_gen, pass_rate[rows]).sum() / (n_gen * len(rows))
+            rates = np.clip(pass_rate[rows] + rise * step / steps, 0.0, 1.0)
+            acc = rng.binomial(n_gen, rates).sum() / (n_gen * len(rows))
             schedule.update(float(acc), float(ang[rows].mean()))
             path.append(schedule.sampler.mu)
         ends.append(schedule.end_step)
@@ -143,6 +155,8 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--target", type=int, default=135, help="the crossing step the grid result aims at")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--curve", type=Path, default=ROOT / "metrics/train_curve.csv",
+                        help="training curve of a uniform run of the default budget (reward column)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gain_rl_calibration.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -160,11 +174,14 @@ def main() -> None:
     by_rank = np.array(ordering)
     deciles = np.array_split(by_rank, 10)
     g = params.train.gain_rl
-    current = replay(params, ordering, pass_rate, ang, g, args.replays)
-    grid = [replay(params, ordering, pass_rate, ang,
-                   dataclasses.replace(g, n=n, sigma=min(2 * n, 1.0), delta_max=min(2 * n, 1.0)), args.replays)
-            for n in N_GRID]
-    finite = [row for row in grid if row["end_step_median"] is not None]
+    rise = reward_rise(args.curve)
+    current = {"fixed": replay(params, ordering, pass_rate, ang, g, args.replays),
+               "learning": replay(params, ordering, pass_rate, ang, g, args.replays, rise)}
+    grid = {label: [replay(params, ordering, pass_rate, ang,
+                           dataclasses.replace(g, n=n, sigma=min(2 * n, 1.0), delta_max=min(2 * n, 1.0)),
+                           args.replays, r) for n in N_GRID]
+            for label, r in (("fixed", 0.0), ("learning", rise))}
+    finite = [row for row in grid["learning"] if row["end_step_median"] is not None]
     best = min(finite, key=lambda row: abs(row["end_step_median"] - args.target)) if finite else None
     result = {
         "date": datetime.date.today().isoformat(),
@@ -183,20 +200,26 @@ def main() -> None:
         "delta_at_mean_over_n": round(float(np.tanh(g.alpha * (pass_rate.mean() - g.beta))
                                             + np.tanh(g.alpha * ang.mean())), 4),
         "replays": args.replays,
+        "curve": str(args.curve),
+        "reward_rise": round(rise, 4),
         "params_yaml": current,
         "grid_sigma_eq_delta_max_eq_2n": grid,
-        "closest_to_target": best,
+        "closest_to_target_learning": best,
         "target": args.target,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(args.out, result)
     print(f"N = {result['n_prompts']}, acc {result['acc_mean']}, ang {result['ang_mean']} "
           f"(old formula {result['ang_old_formula_mean']}, x{result['ang_old_over_new']})")
-    print(f"params.yaml (sigma {g.sigma}, n {g.n}, delta [{g.delta_min}, {g.delta_max}]): end step median "
-          f"{current['end_step_median']} [{current['end_step_min']}, {current['end_step_max']}], {current['reached']}")
-    for row in grid:
-        print(f"  n {row['n']:<7} sigma = delta_max {row['sigma']:<7} end step median {row['end_step_median']} "
-              f"[{row['end_step_min']}, {row['end_step_max']}] reached {row['reached']}  mu {row['mean_mu_by_step']}")
+    print(f"reward rise over a uniform run ({args.curve}): {rise:+.3f}")
+    for label, row in current.items():
+        print(f"params.yaml (sigma {g.sigma}, n {g.n}, delta [{g.delta_min}, {g.delta_max}]), {label}: end step "
+              f"median {row['end_step_median']} [{row['end_step_min']}, {row['end_step_max']}], {row['reached']}")
+    for label, rows in grid.items():
+        print(f"grid, sigma = delta_max = 2 n, {label}:")
+        for row in rows:
+            print(f"  n {row['n']:<7} end step median {row['end_step_median']} [{row['end_step_min']}, "
+                  f"{row['end_step_max']}] reached {row['reached']}  mean mu {row['mean_mu_by_step']}")
     print(f"wrote {args.out}")
 
 

@@ -40,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load(args.params)
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, max_steps=args.steps,
-                                                                   logging_steps=1, save_steps=10**6))
+                                                                   logging_steps=1, save_steps=10**6,
+                                                                   eval_steps=0))  # GRPO steps only
     with tempfile.TemporaryDirectory() as tmp:
         metrics, rows = train.run(params, model_dir=ROOT / train.MODEL, train_path=ROOT / train.TRAIN,
                                   angles_path=ROOT / train.ANGLES, checkpoints=Path(tmp) / "checkpoints",

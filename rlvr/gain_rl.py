@@ -222,7 +222,8 @@ def causal_angle(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     so every pair weighs the same, in O(L * d) with prefix sums. (A mean of per-token means,
     (1/L) sum_i <u_i, S_i> / i, is not the same: it gives the pairs of token i the weight 1/(L i),
-    so the first tokens' few pairs count far more than the last tokens' many.) Padding is skipped
+    so the first tokens' few pairs count far more than the last tokens' many. The reference code's
+    mask also takes the pair j = i + 1, an off-by-one left out here.) Padding is skipped
     wherever it sits (left, right or inside). One valid token gives 1 (its cosine with itself); a
     zero row counts as cosine 0 with everything; a sequence without valid tokens gives NaN.
     """
