@@ -23,7 +23,10 @@ band prompts that `train` uses (`train.prompts: band`), and replays the schedule
   its last 4 logged rows minus that of its first 4). Only ang is kept at its warm-up value.
 
 What is not covered: how much faster the policy learns on the prompts GAIN-RL feeds it than on
-uniform ones, and how ang moves during training; a real run checks the result (docs/algorithms.md).
+uniform ones, and how ang moves during training. A real 150-step GAIN-RL run with n = 0.0225
+followed the "fixed" replay within 6 % at every 25th step and not the "learning" one (the prompts
+get harder as mu advances, which offsets what the policy learns), so the grid's pick is made on the
+"fixed" replay (docs/algorithms.md has both and the real runs).
 
 Inputs (under --workspace, default the project root): params.yaml, models/warmup,
 data/prepared/train.parquet, data/curated/angles.parquet, data/curated/prompts.parquet,
@@ -54,7 +57,7 @@ from rlvr.grpo import GainRLSchedule  # noqa: E402
 from rlvr.io import read_parquet, write_json  # noqa: E402
 from stages import train  # noqa: E402
 
-N_GRID = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05, 0.1)
+N_GRID = (0.005, 0.01, 0.015, 0.02, 0.0225, 0.025, 0.03, 0.0325, 0.035, 0.0375, 0.04, 0.05, 0.1)
 
 
 def band_ranking(params: config.Params, workspace: Path) -> tuple[pd.DataFrame, list[int]]:
@@ -181,7 +184,8 @@ def main() -> None:
                            dataclasses.replace(g, n=n, sigma=min(2 * n, 1.0), delta_max=min(2 * n, 1.0)),
                            args.replays, r) for n in N_GRID]
             for label, r in (("fixed", 0.0), ("learning", rise))}
-    finite = [row for row in grid["learning"] if row["end_step_median"] is not None]
+    # A real 150-step run followed the fixed replay (docs/algorithms.md), so the target is met on it.
+    finite = [row for row in grid["fixed"] if row["end_step_median"] is not None]
     best = min(finite, key=lambda row: abs(row["end_step_median"] - args.target)) if finite else None
     result = {
         "date": datetime.date.today().isoformat(),
@@ -204,7 +208,7 @@ def main() -> None:
         "reward_rise": round(rise, 4),
         "params_yaml": current,
         "grid_sigma_eq_delta_max_eq_2n": grid,
-        "closest_to_target_learning": best,
+        "closest_to_target_fixed": best,
         "target": args.target,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -220,6 +224,9 @@ def main() -> None:
         for row in rows:
             print(f"  n {row['n']:<7} end step median {row['end_step_median']} [{row['end_step_min']}, "
                   f"{row['end_step_max']}] reached {row['reached']}  mean mu {row['mean_mu_by_step']}")
+    if best is not None:
+        print(f"closest to step {args.target} (fixed): n {best['n']}, sigma = delta_max {best['sigma']}: "
+              f"{best['end_step_median']} [{best['end_step_min']}, {best['end_step_max']}]")
     print(f"wrote {args.out}")
 
 
