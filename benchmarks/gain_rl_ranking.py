@@ -50,8 +50,11 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
         return r - design @ coef
 
     ex, ey = residual(rx), residual(ry)
-    denominator = float(np.sqrt((ex * ex).sum() * (ey * ey).sum()))
-    return float((ex * ey).sum() / denominator) if denominator > 0 else float("nan")
+    # a side that length explains completely has only rounding noise left: nothing to correlate
+    spread = float(((rx - rx.mean()) ** 2).sum() + ((ry - ry.mean()) ** 2).sum())
+    if min((ex * ex).sum(), (ey * ey).sum()) <= 1e-12 * spread:
+        return float("nan")
+    return float((ex * ey).sum() / np.sqrt((ex * ex).sum() * (ey * ey).sum()))
 
 
 def deciles(frame: pd.DataFrame, by: str, ascending: bool) -> list[dict]:

@@ -81,3 +81,31 @@ def test_grader_benchmark_smoke_run_has_no_differing_grades(tmp_path):
     assert 0 < report["runs"][0]["pairs_in_process"] < report["distinct_pairs"]
     # plain math-verify reads an answer that is not boxed (grade_one gives no credit without a box)
     assert report["plain_differs_from_reference"]["by_reason"]["no box: plain math-verify reads the answer from the text"] > 0
+
+
+def test_gain_rl_ranking_partial_correlation_matches_the_formula_and_deciles_split_evenly():
+    import numpy as np
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gain_rl_ranking
+
+    rng = np.random.default_rng(0)
+    length = rng.permutation(100).astype(float)
+    score = -length + rng.normal(0, 20, 100)
+    rate = -length + rng.normal(0, 20, 100)
+    # without ties, partial Spearman = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)) on the ranks
+    r = np.corrcoef([pd.Series(v).rank() for v in (score, rate, length)])
+    expected = (r[0, 1] - r[0, 2] * r[1, 2]) / np.sqrt((1 - r[0, 2] ** 2) * (1 - r[1, 2] ** 2))
+    assert gain_rl_ranking.partial_spearman(score, rate, length) == pytest.approx(expected, abs=1e-12)
+    # a rate that is a function of length alone leaves nothing to correlate once length is removed
+    assert np.isnan(gain_rl_ranking.partial_spearman(score, -length, length))
+
+    angles = pd.DataFrame({"id": [f"p{i}" for i in range(20)], "score": np.arange(20, 0, -1.0), "valid": True,
+                           "question_length": np.arange(20)})
+    rates = pd.DataFrame({"id": [f"p{i}" for i in range(20)], "pass_rate": np.linspace(1, 0, 20)})
+    result = gain_rl_ranking.analyse(angles, rates)
+    assert [d["prompts"] for d in result["by_gain_rl_rank"]] == [2] * 10
+    assert result["by_gain_rl_rank"][0]["mean_pass_rate"] == pytest.approx((1 + 1 - 1 / 19) / 2, abs=1e-4)
+    assert result["spearman_pass_rate_score"] == pytest.approx(1.0)
+    assert result["spearman_pass_rate_length"] == pytest.approx(-1.0)
