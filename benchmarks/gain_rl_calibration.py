@@ -37,7 +37,7 @@ Inputs (under --workspace, default the project root): params.yaml, models/warmup
 data/prepared/train.parquet, data/curated/angles.parquet, data/curated/prompts.parquet,
 data/rollouts/rollouts.parquet, data/rollouts/pass_rates.parquet (what `dvc repro filter` leaves).
 Run: python benchmarks/gain_rl_calibration.py [--workspace DIR] [--replays 20] [--target 135] [--train-run]
-                                              [--out benchmarks/results/gain_rl_calibration.json]
+                                              [--max-steps N] [--out benchmarks/results/gain_rl_calibration.json]
 """
 
 from __future__ import annotations
@@ -191,12 +191,15 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=135, help="the crossing step the grid result aims at")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--train-run", action="store_true", help="also train once with these params and compare")
+    parser.add_argument("--max-steps", type=int, help="replace train.max_steps (a quick check of the script)")
     parser.add_argument("--curve", type=Path, default=ROOT / "metrics/train_curve.csv",
                         help="training curve of a uniform run of the default budget (reward column)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gain_rl_calibration.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     params = config.load(args.params)
+    if args.max_steps is not None:
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, max_steps=args.max_steps))
     started = time.perf_counter()
     frame, ordering = band_ranking(params, args.workspace)
     rates = read_parquet(args.workspace / "data/rollouts/pass_rates.parquet", required=("id", "pass_rate"))
