@@ -183,17 +183,6 @@ def _git_text(root: Path, rev: str, path: str) -> str:
     return result.stdout
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
-
-
 def _correct_matrix(root: Path, rev: str, model: str, eval_set: str) -> tuple[list[str], np.ndarray] | None:
     import dvc.api
 
@@ -209,13 +198,14 @@ def _correct_matrix(root: Path, rev: str, model: str, eval_set: str) -> tuple[li
 
 def collect(root: Path, grid: str, eval_set: str = "arith") -> list:
     """RunResults of every finished experiment of `grid` (params, held-out curve, final correctness)."""
+    from rlvr import compare
     from rlvr.compare import RunResult
 
     found = experiments(root, grid)
     if not found:
         raise GridError(f"no finished experiments named {grid}-*: run `rlvr grid --name {grid} -S ...` first "
                         "(`dvc exp show` lists what exists)")
-    params = {name: flatten(yaml.safe_load(_git_text(root, rev, "params.yaml"))) for name, rev in found.items()}
+    params = {name: compare.flatten(yaml.safe_load(_git_text(root, rev, "params.yaml"))) for name, rev in found.items()}
     varying = sorted(k for k in set().union(*params.values())
                      if k != SEED_KEY and len({json.dumps(p.get(k), sort_keys=True) for p in params.values()}) > 1)
     runs = []

@@ -683,15 +683,22 @@ def summary_metrics(report: Report) -> dict[str, float]:
     return {name: float(value) for name, value in metrics.items() if math.isfinite(value)}
 
 
-def _flat_params(params: dict, prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dicts -> dotted keys ("train.order"), leaves unchanged."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flat_params(value, f"{name}."))
+            out.update(flatten(value, f"{dotted}."))
         else:
-            flat[re.sub(r"[^A-Za-z0-9_.\- ]+", "_", name)] = str(value)[:6000]  # MLflow's param value limit
-    return flat
+            out[dotted] = value
+    return out
+
+
+def _flat_params(params: dict) -> dict[str, str]:
+    """Params as MLflow accepts them: dotted keys with other characters replaced, values as text."""
+    return {re.sub(r"[^A-Za-z0-9_.\- ]+", "_", key): str(value)[:6000]  # MLflow's param value limit
+            for key, value in flatten(params).items()}
 
 
 def log_to_mlflow(report: Report, runs: Sequence[RunResult], experiment_name: str, tracking_uri: str | None = None,

@@ -39,7 +39,9 @@ def test_experiment_names_are_readable_and_valid_ref_names():
 
 
 def test_flatten_gives_dotted_keys():
-    assert grid.flatten({"train": {"order": "uniform", "gain_rl": {"n": 0.01}}, "seed": 0}) == {
+    from rlvr.compare import flatten
+
+    assert flatten({"train": {"order": "uniform", "gain_rl": {"n": 0.01}}, "seed": 0}) == {
         "train.order": "uniform", "train.gain_rl.n": 0.01, "seed": 0}
 
 
