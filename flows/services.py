@@ -341,20 +341,36 @@ def down(root: Path, grace_s: float = 15.0) -> dict[str, str]:
             outcome[name] = f"not signalled: {why}; it is not the server `rlvr services up` started"
             continue
         _signal_group(service, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while _is_server(service) and time.monotonic() < deadline:
-            _reap(service.pid)
-            time.sleep(0.2)
-        if _signal_group(service, signal.SIGKILL):
-            _reap(service.pid)
-            outcome[name] = f"stopped (pid {service.pid}, SIGKILL after {grace_s:.0f} s)"
-        else:
+        # From here the PID and start time alone name the server: an exiting process loses its command
+        # line (empty /proc/PID/cmdline) before it is gone, so the command check would end the wait early.
+        if _wait_gone(service, grace_s):
             outcome[name] = f"stopped (pid {service.pid})"
+            continue
+        try:
+            os.killpg(service.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _wait_gone(service, 10.0)
+        outcome[name] = f"stopped (pid {service.pid}, SIGKILL after {grace_s:.0f} s)"
     if keep:
         _write_state(root, keep)
     else:
         (root / STATE).unlink(missing_ok=True)
     return outcome
+
+
+def _wait_gone(service: Service, timeout_s: float) -> bool:
+    """Wait until the recorded process (PID and start time) no longer runs; False if it still does."""
+    from rlvr.tracking import process_start
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _reap(service.pid)
+        if process_start(service.pid) != service.start:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _reap(pid: int) -> None:

@@ -124,6 +124,47 @@ def test_down_stops_the_process_group_it_started_and_status_tells_them_apart(tmp
         sleeper.wait()
 
 
+def test_down_waits_for_an_exiting_server_whose_command_line_is_already_gone(tmp_path, monkeypatch):
+    """While a process exits, /proc/PID/cmdline is empty before the PID is gone: down must keep waiting
+    on PID and start time, not return while the server still runs (seen as a flaky CI failure)."""
+    ready = tmp_path / "ready"
+    command = [sys.executable, "-c", "import pathlib, signal, sys, time; "
+               "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0))); "
+               f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)"]
+    pid, start, log = services._spawn(tmp_path, "mlflow", command, {})
+    record = services.Service(name="mlflow", pid=pid, port=1, url="http://127.0.0.1:1", health="http://127.0.0.1:1/health",
+                              log=log, command=command, start=start)
+    services._write_state(tmp_path, {"mlflow": record})
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:  # its SIGTERM handler is in place
+        time.sleep(0.1)
+    signalled = []
+    real_killpg = os.killpg
+    monkeypatch.setattr(services.os, "killpg", lambda p, s: (signalled.append(s), real_killpg(p, s)))
+    real_cmdline = services._cmdline
+    monkeypatch.setattr(services, "_cmdline", lambda p: [] if signalled else real_cmdline(p))
+    outcome = services.down(tmp_path, grace_s=10)
+    assert outcome["mlflow"] == f"stopped (pid {pid})"
+    assert tracking.process_start(pid) is None
+    assert signalled == [signal.SIGTERM]
+
+
+def test_down_kills_a_server_that_ignores_sigterm_after_the_grace_period(tmp_path):
+    ready = tmp_path / "ready"
+    command = [sys.executable, "-c", "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)"]
+    pid, start, log = services._spawn(tmp_path, "prefect", command, {})
+    services._write_state(tmp_path, {"prefect": services.Service(
+        name="prefect", pid=pid, port=1, url="http://127.0.0.1:1", health="http://127.0.0.1:1/health", log=log,
+        command=command, start=start)})
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    outcome = services.down(tmp_path, grace_s=1)
+    assert outcome["prefect"] == f"stopped (pid {pid}, SIGKILL after 1 s)"
+    assert tracking.process_start(pid) is None
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
