@@ -7,7 +7,11 @@ outputs are not touched). Reports the stage's own wall-clock seconds per step (g
 loss and optimizer step together) and, per logged step, TRL's `step_time`, whose median is the
 number to quote (the first steps include warm-up costs: CUDA context, kernel selection).
 
-Run: python benchmarks/grpo_step.py [--steps 20] [--out benchmarks/results/grpo_step.json]
+`--order gain_rl` (or any train.order) times that ordering instead of params.yaml's; run it next to
+the default one to get the cost of an ordering per step (GAIN-RL's ang reuses the loss forward, so
+the target is <= 1.05x uniform).
+
+Run: python benchmarks/grpo_step.py [--steps 20] [--order gain_rl] [--out benchmarks/results/grpo_step.json]
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--order", default=None, help="train.order to time (default: params.yaml's)")
     parser.add_argument("--out", default="benchmarks/results/grpo_step.json")
     args = parser.parse_args()
     params = config.load(args.params)
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, max_steps=args.steps,
                                                                    logging_steps=1, save_steps=10**6,
-                                                                   eval_steps=0))  # GRPO steps only
+                                                                   eval_steps=0,  # GRPO steps only
+                                                                   order=args.order or params.train.order))
     with tempfile.TemporaryDirectory() as tmp:
         metrics, rows = train.run(params, model_dir=ROOT / train.MODEL, train_path=ROOT / train.TRAIN,
                                   angles_path=ROOT / train.ANGLES, checkpoints=Path(tmp) / "checkpoints",
@@ -53,6 +59,7 @@ def main() -> None:
         "device": device,
         "torch": torch.__version__,
         "steps": args.steps,
+        "order": params.train.order,
         "prompts_per_step": params.train.prompts_per_step,
         "num_generations": params.train.num_generations,
         "max_completion_length": params.train.max_completion_length,

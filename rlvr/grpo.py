@@ -12,9 +12,11 @@ wherever it has one:
   GAIN-RL Gaussian over rank positions *at generation time*, with the mu of that moment (a torch
   Sampler would be one batch late: accelerate fetches the next batch before the current step
   runs). K is per step over all processes: every process draws the same K and takes its slice.
-  After grading, acc (fraction correct) and ang (mean causal angle concentration of each
-  rollout's own tokens at the input of the last MLP, one extra no-grad forward) move mu, which
-  stays clipped to [0, N-1]; the step at which it first reaches N-1 is logged (`gain_rl/end_step`).
+  acc (fraction correct, known after grading) and ang (mean causal angle concentration of each
+  rollout's own tokens at the input of the last MLP) move mu, which stays clipped to [0, N-1]; the
+  step at which it first reaches N-1 is logged (`gain_rl/end_step`). ang costs no forward pass of
+  its own: a hook on the last MLP takes the hidden states from the loss forward the step runs
+  anyway (`compute_loss`), and mu moves right after it, before the next step draws its prompts.
 - PROF (`prof_filter`): every group of rollouts is filtered after grading and before the loss:
   advantages are recomputed over the kept rollouts only (TRL's normalisation), dropped rollouts get
   advantage 0 and an all-zero completion mask (no loss, no gradient), and the loss normaliser
@@ -73,6 +75,7 @@ GAIN_RL_STATE = "gain_rl_state.json"
 COMPLETE = "checkpoint_complete.json"  # written last into every checkpoint folder
 REWARD_NAME = "accuracy"  # TRL names the reward column and its logged metrics after the function
 # What `_generate_and_score_completions` must return for PROF and GAIN-RL to work on it.
+GAIN_RL_MASK = "gain_rl_valid_mask"  # the key RLVRGRPOTrainer adds to a GAIN-RL step's generation output
 GENERATION_OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
                           "num_items_in_batch")
 
@@ -359,6 +362,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         self.reward_functions = funcs  # TRL's order: the columns of its rewards and of reward_weights
         self.prompt_rows = train_dataset  # GAIN-RL draws from the training set itself, not from the plan
         self.curation_metrics: dict[str, list[float]] = defaultdict(list)
+        self._gain_rl_acc: float | None = None  # acc of the generation step whose loss step is next
         steps = -(-config.max_steps * config.gradient_accumulation_steps
                   // (config.steps_per_generation * config.num_iterations))
         plan = prompt_plan(order, list(ordering or []), len(train_dataset),
@@ -411,7 +415,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
             raise RuntimeError(f"trl GRPOTrainer._generate_and_score_completions no longer returns {missing}; "
                                "rlvr.grpo needs them (see TRL_HOOKS and tests/test_trl_contract.py)")
         if training and self.order == "gain_rl":
-            self._gain_rl_step(output, _gathered(self.accuracy_reward))
+            self._gain_rl_after_grading(output, _gathered(self.accuracy_reward))
         if training and self.prof_filter is not None:
             rewards = torch.stack([_gathered(f) for f in self.reward_functions], dim=1)
             completions = gather_object(list(self.accuracy_reward.latest_texts))
@@ -466,22 +470,40 @@ class RLVRGRPOTrainer(GRPOTrainer):
             self._record("prof/value_dropped_correct", torch.nanmean(values_t[~kept_all & correct_t]))
         self._record("prof/nan_values", torch.isnan(values_t).float().sum())
 
-    def _gain_rl_step(self, output: dict, accuracy: torch.Tensor) -> None:
-        """acc and ang of this step's rollouts, then the mu update (same values on every rank).
-
-        acc = fraction of correct rollouts (those with a parseable gold), ang = mean over every
-        rollout of every process of `gain_rl.causal_angle` of its valid prompt + completion tokens.
-        """
+    def _gain_rl_after_grading(self, output: dict, accuracy: torch.Tensor) -> None:
+        """acc of this step (fraction correct of the rollouts with a parseable gold, over every
+        process), kept for the mu update in `compute_loss`; and each rollout's valid tokens (prompt +
+        completion, before PROF masks anything) as `output[GAIN_RL_MASK]`, which TRL shuffles and
+        splits together with the rollouts themselves."""
         valid = ~torch.isnan(accuracy)
         if not valid.any():
             raise RuntimeError("GAIN-RL: every reward of this step is NaN (no parseable gold answer)")
-        acc = float((accuracy[valid] >= 1.0).float().mean())
-        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1).bool()
-        model = self.accelerator.unwrap_model(self.model)
-        with torch.no_grad():
-            hidden = gain_rl.mlp_inputs(model, ids, mask.long(), stop_early=True)
-            local = gain_rl.causal_angle(hidden, mask)
+        self._gain_rl_acc = float((accuracy[valid] >= 1.0).float().mean())
+        output[GAIN_RL_MASK] = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1).bool()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss; for GAIN-RL, the loss forward also yields the hidden states of ang (no extra pass)."""
+        if not (self.model.training and self.order == "gain_rl"):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        captured: list[torch.Tensor] = []
+        mlp = self.accelerator.unwrap_model(model).model.layers[-1].mlp
+        handle = mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().float()))
+        try:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError("GAIN-RL: the loss forward did not run the last MLP (no hidden states for ang)")
+        self._gain_rl_update(torch.cat(captured), inputs[GAIN_RL_MASK])
+        return loss
+
+    def _gain_rl_update(self, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        """ang = mean over every rollout of every process of `gain_rl.causal_angle` of its valid tokens
+        (`hidden`: the last MLP's input, (B, L, d)); then the mu update with this step's acc."""
+        acc, self._gain_rl_acc = self._gain_rl_acc, None
+        if acc is None:
+            raise RuntimeError("GAIN-RL: a loss step without the acc of its generation step")
+        local = gain_rl.causal_angle(hidden, mask.to(hidden.device))
         ang = float(self.accelerator.gather(local).mean())
         schedule = self.gain_rl_schedule
         delta = schedule.update(acc, ang)

@@ -13,7 +13,7 @@ from trl import GRPOConfig
 from rlvr import config, gain_rl, models
 from rlvr.config import ConfigError
 from rlvr.generation import messages
-from rlvr.grpo import GainRLSchedule, RewardFunction, RLVRGRPOTrainer
+from rlvr.grpo import GAIN_RL_MASK, GainRLSchedule, RewardFunction, RLVRGRPOTrainer
 from stages import train
 from tests.conftest import small_params_dict
 
@@ -111,6 +111,13 @@ def _step_output(tokenizer):
             "completion_ids": comp["input_ids"], "completion_mask": comp["attention_mask"]}
 
 
+def _gain_rl_step(trainer, output, accuracy, hidden):
+    """What one GRPO step does for GAIN-RL: acc after grading, ang and the mu update after the loss forward."""
+    trainer._gain_rl_after_grading(output, accuracy)
+    assert output[GAIN_RL_MASK].dtype == torch.bool and output[GAIN_RL_MASK].shape == hidden.shape[:2]
+    trainer._gain_rl_update(hidden, output[GAIN_RL_MASK])
+
+
 def test_a_gain_rl_step_moves_mu_by_the_spec_and_clips_it_at_the_end(tmp_path, grader):
     # N = 4. n = 0.25 N = 1 position, delta in [0, 1]: a step moves mu by at most 1.
     trainer = _gain_rl_trainer(tmp_path, grader, dict(sigma=0.5, n=0.25, delta_min=0.0, delta_max=0.25, mu0=0.0))
@@ -123,7 +130,7 @@ def test_a_gain_rl_step_moves_mu_by_the_spec_and_clips_it_at_the_end(tmp_path, g
     assert 0.0 < ang < 1.0
     want = min(max(math.tanh(2 * (5 / 7 - 0.5)) + math.tanh(2 * ang), 0.0), 1.0)
 
-    trainer._gain_rl_step(output, accuracy)
+    _gain_rl_step(trainer, output, accuracy, hidden)
     sampler = trainer.gain_rl_schedule.sampler
     assert sampler.mu == pytest.approx(want, abs=1e-5)
     assert trainer.curation_metrics["gain_rl/acc"] == [pytest.approx(5 / 7)]
@@ -131,7 +138,7 @@ def test_a_gain_rl_step_moves_mu_by_the_spec_and_clips_it_at_the_end(tmp_path, g
     assert "gain_rl/end_step" not in trainer.curation_metrics
 
     for _ in range(5):  # at most 1 position a step: the end (3) is reached and never passed
-        trainer._gain_rl_step(output, accuracy)
+        _gain_rl_step(trainer, output, accuracy, hidden)
         assert sampler.mu <= 3.0
     assert sampler.mu == 3.0 and trainer.gain_rl_schedule.end_step is not None
     end = trainer.gain_rl_schedule.end_step
@@ -149,3 +156,31 @@ def test_gain_rl_inputs_are_k_distinct_prompts_in_groups(tmp_path, grader):
 def test_gain_rl_needs_one_generation_per_optimizer_step(tmp_path, grader):
     with pytest.raises(ValueError, match="moves mu once per optimizer step"):
         _gain_rl_trainer(tmp_path, grader, {}, gradient_accumulation_steps=2)
+
+
+def test_ang_comes_from_the_loss_forward_with_no_pass_of_its_own(tmp_path, grader, monkeypatch):
+    """Two real GRPO steps: no separate forward runs for ang (mlp_inputs is never called), and the ang
+    each step logs equals a separate pass over the same rollouts with the same (pre-update) weights."""
+    trainer = _gain_rl_trainer(tmp_path, grader, dict(sigma=0.5, n=0.25, delta_min=0.0, delta_max=0.25),
+                               max_steps=2)
+    separate_pass = gain_rl.mlp_inputs
+    monkeypatch.setattr(gain_rl, "mlp_inputs", lambda *a, **k: pytest.fail("GAIN-RL ran a forward of its own"))
+    expected = []
+    real_compute_loss = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = inputs[GAIN_RL_MASK]
+        hidden = separate_pass(trainer.model, ids, mask.long())
+        expected.append(float(gain_rl.causal_angle(hidden, mask).mean()))
+        return real_compute_loss(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "compute_loss", compute_loss)
+    logged = []
+    monkeypatch.setattr(trainer, "_record", lambda name, value: logged.append((name, float(value))))
+    trainer.train()
+    angs = [value for name, value in logged if name == "gain_rl/ang"]
+    assert len(expected) == 2 and angs == pytest.approx(expected, abs=1e-5)
+    assert all(0.0 < a < 1.0 for a in angs)
+    assert [name for name, _ in logged].count("gain_rl/mu") == 2
+    assert trainer.gain_rl_schedule.sampler.updates == 2
