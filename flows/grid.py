@@ -246,7 +246,7 @@ def report(root: Path, grid: str, baseline: str, eval_set: str = "arith", out: P
         from rlvr.tracking import artifact_location
 
         run_id = compare.log_to_mlflow(result, runs, mlflow_experiment, tracking_uri=tracking_uri,
-                                       run_name=f"compare-{grid}", artifact_location=artifact_location())
+                                       run_name=f"compare-{grid}", artifact_location=artifact_location(tracking_uri))
     text = compare.markdown(result)
     return {"files": {kind: str(path) for kind, path in files.items()}, "mlflow_run": run_id,
             "experiments": len(runs), "variants": variants, "markdown": text}
