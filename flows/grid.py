@@ -193,6 +193,11 @@ def _correct_matrix(root: Path, rev: str, model: str, eval_set: str) -> tuple[li
     except Exception as error:  # noqa: BLE001 - any DVC lookup failure means "not there"
         log.debug("no %s in %s: %s", path, rev, error)
         return None
+    return _ids_and_matrix(frame)
+
+
+def _ids_and_matrix(frame: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    """An evaluate-stage frame (id, correct: one list of booleans per problem) as ids and a matrix."""
     return frame["id"].tolist(), np.array([list(row) for row in frame["correct"]], dtype=bool)
 
 
@@ -200,8 +205,7 @@ def read_warmup_eval(path: Path) -> tuple[list[str], np.ndarray]:
     """A warm-up evaluation in the evaluate stage's format (data/evaluated/warmup/<set>.parquet: id, correct)."""
     from rlvr.io import read_parquet
 
-    frame = read_parquet(path, required=("id", "correct"))
-    return frame["id"].tolist(), np.array([list(row) for row in frame["correct"]], dtype=bool)
+    return _ids_and_matrix(read_parquet(path, required=("id", "correct")))
 
 
 def collect(root: Path, grid: str, eval_set: str = "arith", warmup_eval: Path | None = None) -> list:
