@@ -230,7 +230,8 @@ def cmd_compare(args) -> int:
     uri = None if args.no_mlflow else tracking.tracking_uri(params)
     result = grid.report(root, args.grid, args.baseline, eval_set=args.eval_set,
                          out=Path(args.out) if args.out else None, mlflow_experiment=experiment,
-                         tracking_uri=uri, n_boot=args.n_boot)
+                         tracking_uri=uri, n_boot=args.n_boot,
+                         warmup_eval=Path(args.warmup_eval) if args.warmup_eval else None)
     print(result["markdown"])
     print("\n" + "  ".join(f"{kind}: {path}" for kind, path in result["files"].items())
           + (f"  MLflow run: {result['mlflow_run']}" if result["mlflow_run"] else ""))
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default reports/<grid>)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--no-mlflow", action="store_true", help="write the report files only")
+    p.add_argument("--warmup-eval", help="the warm-up's evaluation (an evaluate-stage parquet: id, correct) for "
+                   "experiments run with evaluate.baseline=false")
     p.set_defaults(func=cmd_compare)
     return parser
 
