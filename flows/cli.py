@@ -76,6 +76,16 @@ def cmd_services(args) -> int:
                   + (f"\n         {entry['problem']}" if "problem" in entry else ""))
         if not report:
             print(f"no servers recorded in {services.STATE}: `rlvr services up` starts them")
+        # The sweep imports MLflow and Prefect and asks both servers (tens of seconds on a busy machine):
+        # the status above is printed first.
+        sys.stdout.flush()
+        try:
+            _use_services(root)
+            swept = services.sweep_zombies(root)
+        except (services.ServiceError, RlvrError) as error:  # missing credentials, params.yaml broken
+            swept = [f"runs of stopped stages not swept: {error}"]
+        for line in swept:  # on stderr with --json, so that stdout stays one JSON document
+            print(f"swept    {line}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -6,13 +6,21 @@ dvc.yaml plots its outputs feed as PNG artifacts, and leaves a Prefect table art
 Logic lives in `stages/` and `rlvr/`; this module is wiring.
 Retries are deliberately absent here: a stage failure is a bug or bad input, not a flaky call.
 
+The two records point at each other. The flow run gets a link artifact `<stage>-mlflow-run`, made as
+soon as the MLflow run exists (a killed stage has it too): the run's page in the MLflow UI when
+MLFLOW_TRACKING_URI is a tracking server (`rlvr services up`), else a note with the run id and how to
+open the local store. The MLflow run gets tags `prefect.flow_run_id` and, when a Prefect server with a
+UI runs (not the temporary one), `prefect.flow_run_url`. Long stages log progress lines (step, rate,
+ETA, loss/reward) that Prefect shows in the flow run's logs (rlvr/progress.py).
+
 A stage process leaves nothing behind when it is stopped:
 - without PREFECT_API_URL, Prefect's temporary server is started first and dies with the process,
   even on SIGKILL (flows/temporary_server.py);
 - Ctrl-C and SIGTERM end the flow run Crashed (Prefect turns SIGTERM into an exception) and the MLflow
   run KILLED (rlvr/tracking.py);
-- a SIGKILL ends nothing, so the next run of the same stage marks the runs it left RUNNING as KILLED
-  (MLflow) and Crashed (Prefect): each MLflow run carries its process and its flow run id.
+- a SIGKILL ends nothing, so the next stage run (any stage) or `rlvr services status` marks the runs it
+  left open as KILLED (MLflow) and Crashed (Prefect, with its task runs): both records carry the
+  process that ran them (flows/sweep.py).
 
 Run one stage by hand:  python -m flows prepare   (dvc repro runs the same command)
 """
@@ -24,38 +32,49 @@ from functools import partial
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
+from prefect.utilities.urls import url_for
 
+from flows import sweep
 from rlvr import config, plots, tracking
 from stages import evaluate, prepare, rollout, score, train, warmup
 from stages import filter as filter_stage
 
 
-FLOW_RUN_TAG = "prefect.flow_run_id"
+FLOW_RUN_TAG = sweep.FLOW_RUN_TAG
+FLOW_RUN_URL_TAG = "prefect.flow_run_url"
 
 
 def _artifact_key(stage: str) -> str:
     return f"{stage}-metrics"
 
 
-def crash_flow_run(flow_run_id: str | None, reason: str) -> None:
-    """Mark a flow run that a killed stage left Running as Crashed (its own process cannot any more).
-    A run unknown to this Prefect server (recorded by another one) is left alone."""
-    from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Crashed
+def flow_run_tags() -> dict[str, str]:
+    """The MLflow tags that lead to this flow run: its id, and its page when a Prefect UI serves it."""
+    tags = {FLOW_RUN_TAG: str(flow_run.id)}
+    url = url_for("flow-run", obj_id=str(flow_run.id))  # None for the temporary server, which has no UI
+    if url:
+        tags[FLOW_RUN_URL_TAG] = url
+    return tags
 
-    if not flow_run_id:
-        return
-    with get_client(sync_client=True) as client:
-        try:
-            state = client.read_flow_run(flow_run_id).state
-        except ObjectNotFound:
-            return
-        if state is not None and not state.is_final():
-            client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
+
+def link_mlflow_run(stage: str, run, params: config.Params) -> str | None:
+    """An artifact on the flow run that leads to its MLflow run; returns the run's URL (None: no server)."""
+    uri = tracking.tracking_uri(params)
+    url = tracking.run_url(uri, run.info.experiment_id, run.info.run_id)
+    key = f"{stage}-mlflow-run"
+    if url:
+        create_link_artifact(link=url, link_text=f"MLflow run {run.info.run_id} ({stage})", key=key,
+                             description=f"The MLflow run of this `{stage}` flow run: params, inputs with their "
+                                         "DVC digests, metrics and plots.")
+    else:
+        create_markdown_artifact(key=key, description=f"The MLflow run of this `{stage}` flow run", markdown=(
+            f"MLflow run `{run.info.run_id}` (experiment {run.info.experiment_id}) in the local store `{uri}`.\n\n"
+            f"Open it with `rlvr services up`: with a tracking server (MLFLOW_TRACKING_URI) this artifact is a "
+            f"link to the run's page, `<MLflow URL>/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}`."))
+    return url
 
 
 def log_plots(stage: str) -> None:
@@ -69,10 +88,11 @@ def log_plots(stage: str) -> None:
 
 
 def run_stage(stage: str, main: Callable[[config.Params], dict], params_file: str) -> dict:
+    sweep.label_flow_run(flow_run.id)
     params = task(config.load, name="load-params")(params_file)
-    for orphan, reason in tracking.close_orphaned_runs(stage, params):
-        crash_flow_run(orphan.data.tags.get(FLOW_RUN_TAG), reason)
-    with tracking.stage_run(stage, params, tags={FLOW_RUN_TAG: str(flow_run.id)}) as run:
+    sweep.sweep(params)
+    with tracking.stage_run(stage, params, tags=flow_run_tags()) as run:
+        link_mlflow_run(stage, run, params)
         metrics = task(main, name=stage)(params)
         tracking.log_metrics(metrics)
         log_plots(stage)

@@ -47,6 +47,7 @@ from rlvr.config import Params
 from rlvr.generation import SamplingSettings, render, sample_transformers
 from rlvr.grading import Grader
 from rlvr.io import atomic_dir, dvc_md5, file_md5, read_parquet, remove_orphans, write_json, write_parquet
+from rlvr.progress import ProgressBar
 from rlvr.tracking import project_root
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN,
     parts, reused, invalid = [], 0, 0
     start = time.perf_counter()
     sampled_seconds, sampled = 0.0, 0
-    with tqdm(total=len(frame) * r.n_samples, desc="rollout", unit="sample", disable=None) as bar:
+    with ProgressBar(total=len(frame) * r.n_samples, desc="rollout", unit="sample", disable=None) as bar:
         for first in range(0, len(frame), r.chunk_size):
             rows = frame.iloc[first : first + r.chunk_size]
             prompts = [render(tokenizer, p, params.prompt) for p in rows["problem"]]
