@@ -52,6 +52,15 @@ def cmd_services(args) -> int:
         mlflow = running["mlflow"]
         print(f"\nMLflow store: {mlflow.backend or 'mlruns/mlflow.db'}"
               + (f"; artifacts: {mlflow.artifacts}" if mlflow.artifacts else ""))
+        try:
+            experiment = config.load(root / "params.yaml").tracking.experiment
+        except RlvrError:  # params.yaml is broken: the servers still run; `rlvr check` says what is wrong
+            experiment = None
+        pages = services.ui_pages(running["prefect"].url, mlflow.url, experiment,
+                                  services.credentials() if args.auth else None)
+        print()
+        for name, url in pages.items():
+            print(f"{name + ':':18} {url}")
         print(f"\nexport PREFECT_API_URL={running['prefect'].url}/api MLFLOW_TRACKING_URI={running['mlflow'].url}")
         if args.auth:
             user, password = f"${services.USER_ENV}", f"${services.PASSWORD_ENV}"

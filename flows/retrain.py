@@ -162,16 +162,23 @@ def retrain(params_file: str = "params.yaml") -> dict:
             champion_metrics = {k.split(".", 1)[1]: v for k, v in client.get_run(champion_eval).data.metrics.items()
                                 if k.startswith(f"{r.benchmark}.") and k.count(".") == 1}
     header = "nothing changed: no stage ran" if not changes else f"stages run: {', '.join(ran) or 'none'}"
+    uri = mlflow.get_tracking_uri()
+    model_name = f"`{r.registered_model}`"
+    if uri.startswith(("http://", "https://")):  # a tracking server serves the UI: link the model's page
+        model_name = f"[{model_name}]({tracking.registry_url(uri, r.registered_model)})"
+        summary["model_url"] = tracking.registry_url(uri, r.registered_model)
     create_markdown_artifact(
         key="retrain-decision",
         markdown=(f"## Retrain: {'promoted' if decision.promote else 'not promoted'}\n\n{decision.reason}\n\n"
-                  f"- {header}\n- `{r.registered_model}` version {version.version}"
+                  f"- {header}\n- {model_name} version {version.version}"
                   f"{' (new)' if registered else ' (already registered)'}, policy md5 `{policy_md5}`\n"
                   f"- champion before: {champion.version if champion else 'none'}\n\n"
                   f"### `{r.benchmark}` metrics\n\n{metrics_table(evaluated, champion_metrics)}\n"),
         description=f"retrain decision for {r.registered_model}",
     )
     log.info("retrain: %s", decision.reason)
+    if "model_url" in summary:
+        log.info("the registered model in MLflow: %s", summary["model_url"])
     summary["pushed"] = push_champion() if decision.promote else None
     if summary["pushed"]:
         log.info("%s", summary["pushed"])

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from base64 import b64encode
 from dataclasses import asdict, dataclass, field
@@ -141,6 +142,31 @@ def _status_with_login(url: str, user: str, password: str) -> int:
         return error.code
     except (urllib.error.URLError, OSError):
         return 0
+
+
+def ui_pages(prefect_url: str, mlflow_url: str, experiment: str | None,
+             login: tuple[str, str] | None = None) -> dict[str, str]:
+    """The UI pages worth opening, by name: Prefect's flow runs, MLflow's runs table of `experiment`
+    (once a stage created it) and its model registry, both in MLflow 3's model-training view (a bare
+    experiment link opens the GenAI traces page). The experiment's id comes from MLflow's REST API."""
+    from rlvr import tracking
+
+    pages = {"Prefect flow runs": f"{prefect_url}/runs"}
+    if experiment is None:
+        pages["MLflow models"] = tracking.registry_url(mlflow_url)
+        return pages
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    request = urllib.request.Request(f"{mlflow_url}/api/2.0/mlflow/experiments/get-by-name?{query}")
+    if login is not None:
+        request.add_header("Authorization", "Basic " + b64encode(":".join(login).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            experiment_id = json.load(response)["experiment"]["experiment_id"]
+        pages["MLflow runs"] = tracking.runs_table_url(mlflow_url, experiment_id)
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        pass  # no stage has run yet (404), or the server is busy: the registry link still works
+    pages["MLflow models"] = tracking.registry_url(mlflow_url)
+    return pages
 
 
 def _cmdline(pid: int) -> list[str]:

@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import subprocess
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,22 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     if not uri.startswith(("http://", "https://")):
         return None
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+# MLflow 3's UI opens an experiment (and its model registry) in the GenAI view unless the page asks for
+# the model-training one; the URLs the project prints ask for it.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def runs_table_url(uri: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment, in the model-training view."""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+
+def registry_url(uri: str, model: str | None = None) -> str:
+    """The MLflow UI's model registry (or one registered model's page), in the model-training view."""
+    page = "models" if model is None else f"models/{urllib.parse.quote(model, safe='')}"
+    return f"{uri.rstrip('/')}/#/{page}?{TRAINING_VIEW}"
 
 
 def process_start(pid: int) -> str | None:
