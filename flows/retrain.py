@@ -27,9 +27,10 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact
 
-from flows import remote, services
+from flows import remote, services, sweep
 from rlvr import config, registry, tracking
 from rlvr.io import dvc_md5
 
@@ -101,6 +102,7 @@ def retrain(params_file: str = "params.yaml") -> dict:
     from mlflow import MlflowClient
 
     log = get_run_logger()
+    sweep.label_flow_run(flow_run.id)  # a killed retrain's flow run is crashed by the next sweep
     params = config.load(params_file)
     r = params.retrain
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
@@ -108,7 +110,9 @@ def retrain(params_file: str = "params.yaml") -> dict:
     client = MlflowClient()
     changes = pipeline_changes()
     with mlflow.start_run(run_name="retrain", experiment_id=experiment,
-                          tags={"rlvr.flow": "retrain", "git.commit": tracking.git_commit()}) as parent:
+                          tags={"rlvr.flow": "retrain", "git.commit": tracking.git_commit(),
+                                **sweep.flow_run_tags()}) as parent:
+        sweep.link_mlflow_run("retrain", parent, params)
         if changes:
             log.info("changed since the last run: %s", ", ".join(sorted(changes)))
             ran = repro(parent.info.run_id)

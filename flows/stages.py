@@ -32,10 +32,9 @@ from functools import partial
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
-from prefect.utilities.urls import url_for
 
 from flows import sweep
 from rlvr import config, plots, tracking
@@ -44,37 +43,11 @@ from stages import filter as filter_stage
 
 
 FLOW_RUN_TAG = sweep.FLOW_RUN_TAG
-FLOW_RUN_URL_TAG = "prefect.flow_run_url"
+FLOW_RUN_URL_TAG = sweep.FLOW_RUN_URL_TAG
 
 
 def _artifact_key(stage: str) -> str:
     return f"{stage}-metrics"
-
-
-def flow_run_tags() -> dict[str, str]:
-    """The MLflow tags that lead to this flow run: its id, and its page when a Prefect UI serves it."""
-    tags = {FLOW_RUN_TAG: str(flow_run.id)}
-    url = url_for("flow-run", obj_id=str(flow_run.id))  # None for the temporary server, which has no UI
-    if url:
-        tags[FLOW_RUN_URL_TAG] = url
-    return tags
-
-
-def link_mlflow_run(stage: str, run, params: config.Params) -> str | None:
-    """An artifact on the flow run that leads to its MLflow run; returns the run's URL (None: no server)."""
-    uri = tracking.tracking_uri(params)
-    url = tracking.run_url(uri, run.info.experiment_id, run.info.run_id)
-    key = f"{stage}-mlflow-run"
-    if url:
-        create_link_artifact(link=url, link_text=f"MLflow run {run.info.run_id} ({stage})", key=key,
-                             description=f"The MLflow run of this `{stage}` flow run: params, inputs with their "
-                                         "DVC digests, metrics and plots.")
-    else:
-        create_markdown_artifact(key=key, description=f"The MLflow run of this `{stage}` flow run", markdown=(
-            f"MLflow run `{run.info.run_id}` (experiment {run.info.experiment_id}) in the local store `{uri}`.\n\n"
-            f"Open it with `rlvr services up`: with a tracking server (MLFLOW_TRACKING_URI) this artifact is a "
-            f"link to the run's page, `<MLflow URL>/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}`."))
-    return url
 
 
 def log_plots(stage: str) -> None:
@@ -91,8 +64,8 @@ def run_stage(stage: str, main: Callable[[config.Params], dict], params_file: st
     sweep.label_flow_run(flow_run.id)
     params = task(config.load, name="load-params")(params_file)
     sweep.sweep(params)
-    with tracking.stage_run(stage, params, tags=flow_run_tags()) as run:
-        link_mlflow_run(stage, run, params)
+    with tracking.stage_run(stage, params, tags=sweep.flow_run_tags()) as run:
+        sweep.link_mlflow_run(stage, run, params)
         metrics = task(main, name=stage)(params)
         tracking.log_metrics(metrics)
         log_plots(stage)

@@ -1,4 +1,9 @@
-"""Close what a killed stage left open: its Prefect flow run ends Crashed, its MLflow run KILLED.
+"""How a flow run and its MLflow run refer to each other, and closing what a killed stage left open.
+
+Links: the MLflow run is tagged with the flow run's id and page (`flow_run_tags`), the flow run gets an
+artifact leading to the MLflow run (`link_mlflow_run`); stages and the retrain flow both use them.
+
+A killed stage: its Prefect flow run ends Crashed, its MLflow run KILLED.
 
 A SIGKILL (`kill -9`, the OOM killer, a machine that went down) lets a stage process end nothing: its
 flow run and its task run stay Running in Prefect, its MLflow run RUNNING. So both records carry the
@@ -30,7 +35,39 @@ from rlvr.config import Params
 log = logging.getLogger(__name__)
 
 FLOW_RUN_TAG = "prefect.flow_run_id"  # on the MLflow run: the flow run that runs it
+FLOW_RUN_URL_TAG = "prefect.flow_run_url"  # on the MLflow run: that flow run's page, when a Prefect UI runs
 PAGE = 200  # flow runs per API call: the most Prefect's server returns at once
+
+
+def flow_run_tags() -> dict[str, str]:
+    """The MLflow tags that lead to this flow run: its id, and its page when a Prefect UI serves it."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
+
+    tags = {FLOW_RUN_TAG: str(flow_run.id)}
+    url = url_for("flow-run", obj_id=str(flow_run.id))  # None for the temporary server, which has no UI
+    if url:
+        tags[FLOW_RUN_URL_TAG] = url
+    return tags
+
+
+def link_mlflow_run(stage: str, run, params: Params) -> str | None:
+    """An artifact on the flow run that leads to its MLflow run; returns the run's URL (None: no server)."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    uri = tracking.tracking_uri(params)
+    url = tracking.run_url(uri, run.info.experiment_id, run.info.run_id)
+    key = f"{stage}-mlflow-run"
+    if url:
+        create_link_artifact(link=url, link_text=f"MLflow run {run.info.run_id} ({stage})", key=key,
+                             description=f"The MLflow run of this `{stage}` flow run: params, inputs with their "
+                                         "DVC digests, metrics and plots.")
+    else:
+        create_markdown_artifact(key=key, description=f"The MLflow run of this `{stage}` flow run", markdown=(
+            f"MLflow run `{run.info.run_id}` (experiment {run.info.experiment_id}) in the local store `{uri}`.\n\n"
+            f"Open it with `rlvr services up`: with a tracking server (MLFLOW_TRACKING_URI) this artifact is a "
+            f"link to the run's page, `<MLflow URL>/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}`."))
+    return url
 
 
 def label_flow_run(flow_run_id: str) -> None:
