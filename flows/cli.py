@@ -8,6 +8,7 @@
   rlvr lineage [--version N]     a registered version's chain back to the source files
   rlvr grid --name G -S k=a,b    queue and run a grid of DVC experiments (variants x seeds)
   rlvr compare --grid G --baseline k=a   seed-aware comparison report of a grid (markdown, PNG, MLflow)
+  rlvr recipe NAME --dry-run|--exp|--apply   a configs/recipes/ preset: show it, run it as a DVC experiment, or apply it
 """
 
 from __future__ import annotations
@@ -171,6 +172,28 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_recipe(args) -> int:
+    root = _root()
+    from flows import recipe
+
+    if args.queue and not args.exp:
+        raise SystemExit("rlvr recipe: --queue goes with --exp")
+    chosen = recipe.load(args.name, root)
+    params_file = root / "params.yaml"
+    if args.dry_run:
+        print(recipe.dry_run(chosen, params_file, root))
+        return 0
+    if args.apply:
+        changes = recipe.apply(chosen, params_file)
+        print(f"rlvr recipe {chosen.name}: {len(changes)} keys changed in params.yaml "
+              f"({', '.join(k for k, _, _ in changes) or 'none'}); `git diff params.yaml` shows them")
+        return 0
+    recipe.resolve(chosen, params_file)  # a broken recipe fails here, before DVC copies the workspace
+    config.check("params.yaml", root)
+    _use_services(root)
+    return recipe.run_experiment(chosen, root, queue=args.queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlvr", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -214,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--no-mlflow", action="store_true", help="write the report files only")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("recipe", help="a preset for a real model and launch layout (configs/recipes/NAME.yaml)")
+    p.add_argument("name", help="the recipe: a file name in configs/recipes/ without .yaml")
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--dry-run", action="store_true",
+                        help="print the params it changes and the exact command each stage would run")
+    action.add_argument("--exp", action="store_true", help="run it as a DVC experiment named recipe-NAME")
+    action.add_argument("--apply", action="store_true", help="write its overrides into params.yaml (comments kept)")
+    p.add_argument("--queue", action="store_true", help="with --exp: only queue it (then `dvc queue start`)")
+    p.set_defaults(func=cmd_recipe)
     return parser
 
 

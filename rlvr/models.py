@@ -232,3 +232,25 @@ def load_policy(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+# model.dtype -> torch dtype; "auto" is resolved by `torch_dtype`.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """model.dtype as a torch dtype: auto is bf16 on a GPU that supports it, else fp32 (CPUs: fp32, as before)."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_available() else torch.float32
+    return DTYPES[name]
+
+
+def mixed_precision(name: str) -> str:
+    """launch.mixed_precision resolved: auto is bf16 on a GPU that supports it, else no."""
+    if name == "auto":
+        return "bf16" if bf16_available() else "no"
+    return name

@@ -18,6 +18,7 @@ Run:     dvc repro evaluate   (or: python -m flows evaluate)
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import time
@@ -29,7 +30,8 @@ import torch
 
 from rlvr import models, passk
 from rlvr.config import Params
-from rlvr.generation import SamplingSettings, choose_backend, render, sample_transformers, sample_vllm
+from rlvr.generation import (SamplingSettings, choose_backend, render, sample_transformers, sample_vllm,
+                             vllm_engine)
 from rlvr.grading import Grader, extract_boxed, grade_matrix
 from rlvr.io import atomic_dir, read_parquet, write_json
 
@@ -52,18 +54,30 @@ def fixed_subset(frame: pd.DataFrame, size: int | None) -> pd.DataFrame:
     return frame.loc[keys.sort_values(kind="stable").index[:size]].reset_index(drop=True)
 
 
-def generate(params: Params, model_dir: Path, prompts: list[str], settings: SamplingSettings, desc: str,
+def generate(params: Params, prompts: list[str], settings: SamplingSettings, desc: str,
              loaded: tuple) -> list[list[str]]:
-    backend = choose_backend(params.evaluate.backend)
-    if backend == "vllm":
-        return sample_vllm(models.resolve(model_dir), prompts, settings, params.model.trust_remote_code)
-    model, tokenizer = loaded
-    return sample_transformers(model, tokenizer, prompts, settings, params.evaluate.batch_size, desc=desc)
+    """Sample with `loaded` = (transformers model or vLLM engine, tokenizer), as `load_sampler` built it."""
+    sampler, tokenizer = loaded
+    if not isinstance(sampler, torch.nn.Module):
+        return sample_vllm(sampler, prompts, settings)
+    return sample_transformers(sampler, tokenizer, prompts, settings, params.evaluate.batch_size, desc=desc)
 
 
-def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir: Path, loaded: tuple,
+def load_sampler(params: Params, model_dir: Path) -> tuple:
+    """(sampler, tokenizer) for one model: a vLLM engine built once for every benchmark of the stage
+    (the transformers weights are never loaded then), or the transformers model on the GPU if there is one."""
+    dtype = models.torch_dtype(params.model.dtype)
+    if choose_backend(params.evaluate.backend) == "vllm":
+        source = models.local_or_hub(model_dir)
+        tokenizer = models.load_tokenizer(source, trust_remote_code=params.model.trust_remote_code)
+        return vllm_engine(source, params.seed, params.model.trust_remote_code, dtype), tokenizer
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code, dtype=dtype)
+    return (model.to("cuda") if torch.cuda.is_available() else model), tokenizer
+
+
+def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, loaded: tuple,
                        grader: Grader) -> tuple[dict, pd.DataFrame]:
-    """Sample, grade and summarise one benchmark; `loaded` is the (model, tokenizer) of `model_dir`."""
+    """Sample, grade and summarise one benchmark; `loaded` is a model's (sampler, tokenizer) from `load_sampler`."""
     e = params.evaluate
     tokenizer = loaded[1]
     prompts = [render(tokenizer, p, params.prompt) for p in frame["problem"]]
@@ -71,7 +85,7 @@ def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir
     settings = SamplingSettings(n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
                                 max_new_tokens=e.max_new_tokens, seed=params.seed)
     start, timeouts_before = time.perf_counter(), grader.timeouts
-    samples = generate(params, model_dir, prompts, settings, f"evaluate {name}", loaded)
+    samples = generate(params, prompts, settings, f"evaluate {name}", loaded)
     scores = grade_matrix(grader, samples, golds)
     unparseable = np.isnan(scores).any(axis=1)
     if unparseable.all():
@@ -86,8 +100,8 @@ def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir
     result["correct"] = [list(map(bool, row >= 1.0)) for row in scores]
     result["n_correct"] = [int((row >= 1.0).sum()) for row in scores]
     if e.greedy:
-        greedy = generate(params, model_dir, prompts, SamplingSettings(1, 1.0, 1.0, e.max_new_tokens, greedy=True,
-                                                                      seed=params.seed), f"greedy {name}", loaded)
+        greedy = generate(params, prompts, SamplingSettings(1, 1.0, 1.0, e.max_new_tokens, greedy=True,
+                                                            seed=params.seed), f"greedy {name}", loaded)
         greedy_scores = grade_matrix(grader, greedy, golds)[:, 0]
         metrics["greedy_accuracy"] = float(np.mean(greedy_scores[~unparseable] >= 1.0))
         result["greedy"] = [g[0] for g in greedy]
@@ -125,17 +139,18 @@ def run(params: Params, model_dirs: dict[str, Path] | None = None,
     results: dict[str, pd.DataFrame] = {}
     with Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) as grader:
         for label, model_dir in model_dirs.items():
-            model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
-            if torch.cuda.is_available():
-                model = model.to("cuda")
+            loaded = load_sampler(params, model_dir)
             for name, frame in frames.items():
-                m, results[f"{label}/{name}"] = evaluate_benchmark(params, name, frame, model_dir, (model, tokenizer),
-                                                                   grader)
+                m, results[f"{label}/{name}"] = evaluate_benchmark(params, name, frame, loaded, grader)
                 log.info("evaluate %s on %s: %s", label, name, {k: round(v, 4) for k, v in m.items()})
                 if label == "policy":
                     metrics[name].update(m)
                 else:
                     metrics[name][label] = m
+            del loaded  # the next model's engine or weights need the memory
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if "policy" in model_dirs and "warmup" in model_dirs:
         for name in frames:
             metrics[name].update(paired_delta(results[f"policy/{name}"], results[f"warmup/{name}"],

@@ -125,13 +125,16 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN,
     frame = read_parquet(train_path, required=("id", "problem", "answer"))
     if r.max_prompts is not None:
         frame = frame.iloc[: r.max_prompts].reset_index(drop=True)
-    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code,
+                                          dtype=models.torch_dtype(params.model.dtype))
     if torch.cuda.is_available():
         model = model.to("cuda")
     model_digest, sampler = dvc_md5(model_dir), sampler_identity()
     # the prompt params are in the key through the rendered prompts
     sampling = {"n": r.n_samples, "temperature": r.temperature, "top_p": r.top_p,
                 "max_new_tokens": r.max_new_tokens, "batch_size": r.batch_size, "seed": params.seed}
+    if model.dtype != torch.float32:  # fp32 keys stay as they were, so existing caches stay valid
+        sampling["dtype"] = str(model.dtype)
     cache.mkdir(parents=True, exist_ok=True)
     remove_orphans(cache)  # chunks being written by runs that were killed (a running one's are kept)
     parts, reused, invalid = [], 0, 0

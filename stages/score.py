@@ -34,7 +34,8 @@ METRICS = Path("metrics/score.json")
 
 def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN):
     frame = read_parquet(train_path, required=("id", "problem"))
-    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code,
+                                          dtype=models.torch_dtype(params.model.dtype))
     if torch.cuda.is_available():
         model = model.to("cuda")
     s = params.score

@@ -96,6 +96,7 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
     """
     t = params.train
     cuda = torch.cuda.is_available()
+    precision = models.mixed_precision(params.launch.mixed_precision)
     return GRPOConfig(
         output_dir=output_dir,
         max_steps=t.max_steps,
@@ -121,10 +122,13 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
         seed=params.train.seed,
         data_seed=params.train.seed,
         use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         activation_checkpointing=False,  # TRL turns it on by default; on a CPU it only costs time
         use_vllm=t.use_vllm,
-        vllm_mode="colocate",
+        vllm_mode=t.vllm_mode,
+        vllm_server_host=t.vllm_server_host,
+        vllm_server_port=t.vllm_server_port,
         remove_unused_columns=False,
         disable_tqdm=None,
     )
@@ -237,7 +241,8 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
     if eval_frame is not None and eval_frame.empty:
         raise ValueError(f"{eval_path}: no problems to evaluate on (train.eval_set = {params.train.eval_set!r})")
     angles = read_parquet(angles_path, required=("id", "rank", "question_length", "valid"))
-    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code,
+                                          dtype=models.torch_dtype(params.model.dtype))
     if params.train.max_steps == 0:
         models.save_model(model, tokenizer, output)
         return {"steps": 0, "train_seconds": 0.0}, []
