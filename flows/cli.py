@@ -1,6 +1,8 @@
 """`rlvr`: the project's command line (run it from the project root, where dvc.yaml is).
 
-  rlvr services up|down|status   local Prefect and MLflow servers on 127.0.0.1
+  rlvr services up|down|status   local Prefect and MLflow servers on 127.0.0.1 (MLflow on SQLite or PostgreSQL)
+  rlvr doctor                    check this machine: Python, packages, PostgreSQL, ports, DVC remote, GPU, vLLM
+  rlvr remote add URL            make URL (a folder, s3://, gs://, ssh://...) the project's default DVC remote
   rlvr check                     validate params.yaml and the input paths it names (runs nothing)
   rlvr run [DVC REPRO ARGS]      rlvr check, then the pipeline (dvc repro), reporting to the services when up
   rlvr retrain                   one retrain: dvc repro, register, promote only a better model
@@ -43,9 +45,14 @@ def _use_services(root: Path) -> dict[str, str]:
 def cmd_services(args) -> int:
     root = _root()
     if args.action == "up":
-        running = services.up(root, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, auth=args.auth)
+        running = services.up(root, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, auth=args.auth,
+                              backend=args.backend or services.default_backend(), postgres_port=args.postgres_port,
+                              artifacts=args.artifacts)
         for s in running.values():
             print(f"{s.name:8} {s.url}  (pid {s.pid}, log {s.log}{', login required' if s.auth else ''})")
+        mlflow = running["mlflow"]
+        print(f"\nMLflow store: {mlflow.backend or 'mlruns/mlflow.db'}"
+              + (f"; artifacts: {mlflow.artifacts}" if mlflow.artifacts else ""))
         print(f"\nexport PREFECT_API_URL={running['prefect'].url}/api MLFLOW_TRACKING_URI={running['mlflow'].url}")
         if args.auth:
             user, password = f"${services.USER_ENV}", f"${services.PASSWORD_ENV}"
@@ -59,7 +66,41 @@ def cmd_services(args) -> int:
         if not outcome:
             print(f"nothing to stop: no servers recorded in {services.STATE}")
     else:
-        print(json.dumps(services.status(root), indent=2))
+        report = services.status(root)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        for name, entry in report.items() if not args.json else ():
+            health = "healthy" if entry["healthy"] else ("not answering" if entry["is_server"] else "not running")
+            print(f"{name:8} {health:13} {entry['url']}  pid {entry['pid']}  backend {entry['backend']}"
+                  + (f"  artifacts {entry['artifacts']}" if "artifacts" in entry else "")
+                  + (f"\n         {entry['problem']}" if "problem" in entry else ""))
+        if not report:
+            print(f"no servers recorded in {services.STATE}: `rlvr services up` starts them")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from flows import doctor
+
+    checks = doctor.run(Path.cwd(), {"prefect": args.prefect_port, "mlflow": args.mlflow_port})
+    print(doctor.render(checks))
+    return doctor.exit_code(checks)
+
+
+def cmd_remote(args) -> int:
+    from flows import remote
+
+    root = _root()
+    try:
+        name = remote.add(root, args.url, args.name)
+    except remote.RemoteError as error:
+        raise SystemExit(f"rlvr remote: {error}") from None
+    print(f"default DVC remote: {name} -> {args.url} (in .dvc/config; commit it to share it)")
+    extra = remote.missing_extra(args.url)
+    if extra:
+        print(f"this remote needs DVC's plugin: pip install '{extra}'")
+    print("credentials go to .dvc/config.local (`dvc remote modify --local ...`) or the environment, never "
+          ".dvc/config; `dvc push` uploads, and `rlvr retrain` pushes after each promotion")
     return 0
 
 
@@ -165,7 +206,8 @@ def cmd_compare(args) -> int:
     uri = None if args.no_mlflow else tracking.tracking_uri(params)
     result = grid.report(root, args.grid, args.baseline, eval_set=args.eval_set,
                          out=Path(args.out) if args.out else None, mlflow_experiment=experiment,
-                         tracking_uri=uri, n_boot=args.n_boot)
+                         tracking_uri=uri, n_boot=args.n_boot,
+                         warmup_eval=Path(args.warmup_eval) if args.warmup_eval else None)
     print(result["markdown"])
     print("\n" + "  ".join(f"{kind}: {path}" for kind, path in result["files"].items())
           + (f"  MLflow run: {result['mlflow_run']}" if result["mlflow_run"] else ""))
@@ -205,7 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.add_argument("--auth", action="store_true",
                    help=f"up: both servers require a login, from ${services.USER_ENV} and ${services.PASSWORD_ENV}")
+    p.add_argument("--backend", choices=services.BACKENDS,
+                   help=f"up: MLflow's store (default: postgres when ${services.BACKEND_URI_ENV} is set, else sqlite); "
+                        f"postgres uses ${services.BACKEND_URI_ENV} or starts a local PostgreSQL server")
+    p.add_argument("--postgres-port", type=int, default=0,
+                   help="up: the local PostgreSQL server's port (default: a free one)")
+    p.add_argument("--artifacts", help=f"up, postgres: where MLflow stores the artifacts it serves, a folder or a URI "
+                                       f"(default ${services.ARTIFACTS_ENV}, else {services.SERVED_ARTIFACTS})")
+    p.add_argument("--json", action="store_true", help="status: print the report as JSON")
     p.set_defaults(func=cmd_services)
+    p = sub.add_parser("doctor", help="check this machine for the pipeline; exit 1 if something it needs is missing")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("remote", help="configure the project's default DVC remote (data and models)")
+    p.add_argument("action", choices=("add",))
+    p.add_argument("url", help="a folder, or s3://bucket/path, gs://..., ssh://host/path, azure://...")
+    p.add_argument("--name", default="team", help="the remote's name in .dvc/config (default team)")
+    p.set_defaults(func=cmd_remote)
     p = sub.add_parser("check", help="validate params and the input paths they name; runs nothing")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_check)
@@ -236,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default reports/<grid>)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--no-mlflow", action="store_true", help="write the report files only")
+    p.add_argument("--warmup-eval", help="the warm-up's evaluation (an evaluate-stage parquet: id, correct) for "
+                   "experiments run with evaluate.baseline=false")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("recipe", help="a preset for a real model and launch layout (configs/recipes/NAME.yaml)")
     p.add_argument("name", help="the recipe: a file name in configs/recipes/ without .yaml")

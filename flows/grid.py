@@ -193,14 +193,32 @@ def _correct_matrix(root: Path, rev: str, model: str, eval_set: str) -> tuple[li
     except Exception as error:  # noqa: BLE001 - any DVC lookup failure means "not there"
         log.debug("no %s in %s: %s", path, rev, error)
         return None
+    return _ids_and_matrix(frame)
+
+
+def _ids_and_matrix(frame: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    """An evaluate-stage frame (id, correct: one list of booleans per problem) as ids and a matrix."""
     return frame["id"].tolist(), np.array([list(row) for row in frame["correct"]], dtype=bool)
 
 
-def collect(root: Path, grid: str, eval_set: str = "arith") -> list:
-    """RunResults of every finished experiment of `grid` (params, held-out curve, final correctness)."""
+def read_warmup_eval(path: Path) -> tuple[list[str], np.ndarray]:
+    """A warm-up evaluation in the evaluate stage's format (data/evaluated/warmup/<set>.parquet: id, correct)."""
+    from rlvr.io import read_parquet
+
+    return _ids_and_matrix(read_parquet(path, required=("id", "correct")))
+
+
+def collect(root: Path, grid: str, eval_set: str = "arith", warmup_eval: Path | None = None) -> list:
+    """RunResults of every finished experiment of `grid` (params, held-out curve, final correctness).
+
+    The RL gain over the warm-up model needs the warm-up's evaluation: each experiment's own
+    data/evaluated/warmup (evaluate.baseline: true), else `warmup_eval` (the same file from one run
+    of the warm-up model, for a grid run with evaluate.baseline: false to save time), used only where
+    its problems are the experiment's."""
     from rlvr import compare
     from rlvr.compare import RunResult
 
+    shared_warmup = read_warmup_eval(warmup_eval) if warmup_eval is not None else None
     found = experiments(root, grid)
     if not found:
         raise GridError(f"no finished experiments named {grid}-*: run `rlvr grid --name {grid} -S ...` first "
@@ -214,7 +232,7 @@ def collect(root: Path, grid: str, eval_set: str = "arith") -> list:
         if policy is None:
             raise GridError(f"experiment {name}: {EVALUATED}/policy/{eval_set}.parquet is not in the DVC cache; "
                             f"run the grid on this machine, or `dvc exp pull` it")
-        warmup = _correct_matrix(root, rev, "warmup", eval_set)
+        warmup = _correct_matrix(root, rev, "warmup", eval_set) or shared_warmup
         curve = pd.read_csv(io.StringIO(_git_text(root, rev, CURVE)))
         p = params[name]
         runs.append(RunResult(
@@ -232,10 +250,10 @@ def collect(root: Path, grid: str, eval_set: str = "arith") -> list:
 
 def report(root: Path, grid: str, baseline: str, eval_set: str = "arith", out: Path | None = None,
            mlflow_experiment: str | None = None, tracking_uri: str | None = None, n_boot: int = 2000,
-           seed: int = 0) -> dict:
+           seed: int = 0, warmup_eval: Path | None = None) -> dict:
     """Collect the grid, compare against `baseline` (a variant label), write reports/<grid>/ and log it."""
     from rlvr import compare
-    runs = collect(root, grid, eval_set)
+    runs = collect(root, grid, eval_set, warmup_eval)
     variants = sorted({r.variant for r in runs})
     if baseline not in variants:
         raise GridError(f"--baseline {baseline!r} is not a variant of grid {grid}; its variants: {variants}")
@@ -246,7 +264,7 @@ def report(root: Path, grid: str, baseline: str, eval_set: str = "arith", out: P
         from rlvr.tracking import artifact_location
 
         run_id = compare.log_to_mlflow(result, runs, mlflow_experiment, tracking_uri=tracking_uri,
-                                       run_name=f"compare-{grid}", artifact_location=artifact_location())
+                                       run_name=f"compare-{grid}", artifact_location=artifact_location(tracking_uri))
     text = compare.markdown(result)
     return {"files": {kind: str(path) for kind, path in files.items()}, "mlflow_run": run_id,
             "experiments": len(runs), "variants": variants, "markdown": text}

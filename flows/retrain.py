@@ -10,6 +10,10 @@
    the `champion` alias moves only when the gain is at least `retrain.min_improvement`.
 5. A Prefect markdown artifact records the decision and the metrics table; the MLflow parent run
    records the same as tags and metrics.
+6. After a promotion, `dvc push` sends the pipeline's outputs (the champion's model and everything it
+   was made from) to the default DVC remote, when one is configured (`rlvr remote add URL`), so a
+   fresh clone gets them with `dvc pull`. A push that fails after its retries fails the flow, after
+   the promotion and the artifact are recorded.
 
 Run once: `rlvr retrain`; on a schedule: `rlvr schedule` (cron from params, needs `rlvr services up`).
 """
@@ -25,7 +29,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows import services
+from flows import remote, services
 from rlvr import config, registry, tracking
 from rlvr.io import dvc_md5
 
@@ -56,6 +60,17 @@ def repro(parent_run_id: str) -> list[str]:
     if result.returncode != 0:
         raise RuntimeError(f"dvc repro failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=10)
+def push_champion() -> str:
+    """Push every stage output in dvc.lock to the default DVC remote; says so, and pushes nothing, when
+    there is none."""
+    root = Path.cwd()
+    name = remote.default(root)
+    if name is None:
+        return "no default DVC remote: nothing pushed (`rlvr remote add URL` configures one)"
+    return f"pushed to {name}: {remote.push(root)}"
 
 
 def _champion_value(client, champion, benchmark: str, metric: str) -> float | None:
@@ -157,4 +172,7 @@ def retrain(params_file: str = "params.yaml") -> dict:
         description=f"retrain decision for {r.registered_model}",
     )
     log.info("retrain: %s", decision.reason)
+    summary["pushed"] = push_champion() if decision.promote else None
+    if summary["pushed"]:
+        log.info("%s", summary["pushed"])
     return summary

@@ -9,6 +9,13 @@ the server died is reported and left alone. While the servers run, `environment(
 PREFECT_API_URL and MLFLOW_TRACKING_URI for them (and the credentials, with --auth), so pipeline runs
 report to the servers instead of starting Prefect's temporary server per stage.
 
+MLflow's store. `up(backend="sqlite")` (the default) keeps mlruns/mlflow.db. `up(backend="postgres")`
+uses the PostgreSQL database named by RLVR_MLFLOW_BACKEND_URI, or else starts a local PostgreSQL
+server (flows/postgres.py: a cluster in .services/postgres/, 127.0.0.1, password login) as a third
+recorded service, which `down` stops last with `pg_ctl stop`. With PostgreSQL, MLflow proxies
+artifacts (`--serve-artifacts`): clients send them to the server, which stores them in a folder or an
+object store (RLVR_MLFLOW_ARTIFACTS), so only the server needs storage credentials.
+
 Security. Both servers listen on 127.0.0.1 only. Prefect refuses cross-origin writes
 (flows/security.py: CSRF tokens, CORS only for its own origin). `up(auth=True)` adds logins:
 MLflow's basic-auth app and Prefect's API auth string, both with the credentials in
@@ -40,6 +47,7 @@ from base64 import b64encode
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flows import postgres
 from flows.security import prefect_security
 
 HOST = "127.0.0.1"
@@ -50,6 +58,10 @@ LOGS = Path("logs")
 USER_ENV = "RLVR_SERVICES_USER"
 PASSWORD_ENV = "RLVR_SERVICES_PASSWORD"
 MIN_PASSWORD = 12  # MLflow refuses shorter passwords for its users
+BACKENDS = ("sqlite", "postgres")
+BACKEND_URI_ENV = "RLVR_MLFLOW_BACKEND_URI"  # an existing PostgreSQL database for MLflow (may hold a password)
+ARTIFACTS_ENV = "RLVR_MLFLOW_ARTIFACTS"  # where the PostgreSQL-backed server stores artifacts (folder or URI)
+SERVED_ARTIFACTS = Path("mlruns/served-artifacts")  # its default
 
 PREFECT_LIGHT = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -76,6 +88,8 @@ class Service:
     command: list[str] = field(default_factory=list)  # as started; the running argv ends with it
     start: str = ""  # tracking.process_start(pid) right after the start
     auth: bool = False
+    backend: str = ""  # MLflow: its store (no password); PostgreSQL: its data folder
+    artifacts: str = ""  # MLflow: where artifacts go
 
 
 def credentials() -> tuple[str, str]:
@@ -253,46 +267,141 @@ def _check_login(services: dict[str, Service], user: str, password: str) -> None
         raise ServiceError(f"{name} refused {USER_ENV}/{PASSWORD_ENV} (HTTP {code}); {hint}")
 
 
-def up(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout_s: float = 120.0,
-       auth: bool = False) -> dict[str, Service]:
-    """Start both servers (those not already running) and wait until they answer.
+def default_backend() -> str:
+    """postgres when RLVR_MLFLOW_BACKEND_URI names a database, sqlite otherwise."""
+    return "postgres" if os.environ.get(BACKEND_URI_ENV) else "sqlite"
 
-    With `auth`, both servers require the credentials in RLVR_SERVICES_USER / RLVR_SERVICES_PASSWORD."""
+
+def _artifacts_destination(root: Path, artifacts: str | None) -> str:
+    """The proxied artifact store: `artifacts`, else RLVR_MLFLOW_ARTIFACTS, else mlruns/served-artifacts; a
+    plain path becomes a file URI (relative to the project), a URI (s3://, gs://, ...) is kept."""
+    value = artifacts or os.environ.get(ARTIFACTS_ENV) or str(SERVED_ARTIFACTS)
+    if "://" in value:
+        return value
+    folder = (root / value).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.as_uri()
+
+
+def _external_uri() -> str:
+    uri = os.environ.get(BACKEND_URI_ENV, "")
+    if uri and not uri.startswith(("postgresql://", "postgresql+psycopg2://")):
+        raise ServiceError(f"{BACKEND_URI_ENV} must be a PostgreSQL URI "
+                           "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE), "
+                           f"not {postgres.redact(uri)!r}")
+    return uri
+
+
+def _start_postgres(root: Path, port: int, timeout_s: float) -> Service:
+    """Initialise the project's cluster if needed, start it on 127.0.0.1:`port`, wait until it accepts
+    the login, create MLflow's database. The record is written before the wait, so `down` can stop a
+    server that never became ready."""
+    try:
+        bindir = postgres.require_bindir()
+        uid = postgres.server_uid()
+        postgres.init(root, bindir, uid)
+    except postgres.PostgresError as error:
+        raise ServiceError(str(error)) from None
+    if port == 0:
+        port = _free_port()
+    elif _port_in_use(port):
+        raise ServiceError(f"{HOST}:{port} is already in use; choose another port for postgres")
+    command = postgres.server_command(bindir, root, port)
+    pid, start, log = _spawn(root, "postgres", postgres.run_as(uid) + command, {})
+    url = f"postgresql://{postgres.ROLE}@{HOST}:{port}"
+    service = Service(name="postgres", pid=pid, port=port, url=url, health=url, log=log, command=command, start=start,
+                      backend=str(root / postgres.DATA))
+    _write_state(root, {**read_state(root), "postgres": service})
+    deadline = time.monotonic() + timeout_s
+    while not postgres.ready(root, port):
+        if not _is_server(service):
+            raise ServiceError(f"postgres exited during start-up; see {log}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"postgres did not accept a login in {timeout_s:.0f} s; see {log}")
+        time.sleep(0.3)
+    postgres.create_database(root, port)
+    return service
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def up(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout_s: float = 120.0,
+       auth: bool = False, backend: str = "sqlite", postgres_port: int = 0,
+       artifacts: str | None = None) -> dict[str, Service]:
+    """Start the servers (those not already running) and wait until they answer.
+
+    With `auth`, Prefect and MLflow require the credentials in RLVR_SERVICES_USER / RLVR_SERVICES_PASSWORD.
+    `backend` is MLflow's store: "sqlite" (mlruns/mlflow.db) or "postgres": the database in
+    RLVR_MLFLOW_BACKEND_URI when set, else a local PostgreSQL server under .services/postgres on
+    `postgres_port` (0: a free port). With postgres, MLflow serves artifacts itself (proxied), storing them
+    in `artifacts` (a folder or an object-store URI; default RLVR_MLFLOW_ARTIFACTS, else mlruns/served-artifacts)."""
     root = root.resolve()
+    if backend not in BACKENDS:
+        raise ServiceError(f"unknown MLflow backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     login = credentials() if auth else None
+    external = _external_uri() if backend == "postgres" else ""
     services = running(root)
     for service in services.values():
-        if service.auth != auth:
+        if service.name != "postgres" and service.auth != auth:
             raise ServiceError(f"{service.name} already runs {'with' if service.auth else 'without'} --auth; "
                                "run `rlvr services down` first")
     (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
     prefect_url, mlflow_url = f"http://{HOST}:{prefect_port}", f"http://{HOST}:{mlflow_port}"
     prefect_env = {"PREFECT_HOME": str(root / ".prefect"), **PREFECT_LIGHT, **prefect_security(prefect_url)}
-    mlflow_command = [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port), "--workers", "1",
-                      "--backend-store-uri", f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-                      "--default-artifact-root", (root / "mlruns" / "artifacts").as_uri()]
+    mlflow_command = [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port), "--workers", "1"]
     mlflow_env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                   # the server's job runner starts a pool of background consumer processes this
                   # project never submits work to
                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if backend == "sqlite":
+        store = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+        destination = (root / "mlruns" / "artifacts").as_uri()
+        mlflow_command += ["--backend-store-uri", store, "--default-artifact-root", destination]
+    else:
+        destination = _artifacts_destination(root, artifacts)
+        if external:
+            store = postgres.redact(external)
+            # through the environment: its password stays off the command line
+            mlflow_env["MLFLOW_BACKEND_STORE_URI"] = postgres.with_driver(external)
+        else:
+            store = None  # known once PostgreSQL runs
+        # clients read and write artifacts through the server (mlflow-artifacts:/), never the store itself
+        mlflow_command += ["--serve-artifacts", "--artifacts-destination", destination]
+    if "mlflow" in services:
+        recorded = services["mlflow"].backend or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"  # older records
+        wanted = store if store is not None else \
+            (postgres.uri(services["postgres"].port) if "postgres" in services else "a new local PostgreSQL server")
+        if recorded != wanted:
+            raise ServiceError(f"mlflow already runs on {recorded}, not {wanted}; run `rlvr services down` first")
+    if store is None:
+        if "postgres" not in services:
+            services["postgres"] = _start_postgres(root, postgres_port, timeout_s)
+        store = postgres.uri(services["postgres"].port)
+        mlflow_command += ["--backend-store-uri", store]
+        mlflow_env.update(postgres.client_env(root))
     if login:
         prefect_env["PREFECT_SERVER_API_AUTH_STRING"] = ":".join(login)
         mlflow_command += ["--app-name", "basic-auth"]
         mlflow_env.update(_mlflow_auth_env(root, *login))
     wanted = {
         "prefect": (prefect_port, prefect_url, "/api/health",
-                    [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)], prefect_env),
-        "mlflow": (mlflow_port, mlflow_url, "/health", mlflow_command, mlflow_env),
+                    [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)], prefect_env,
+                    f"sqlite:///{root / '.prefect' / 'prefect.db'}", ""),
+        "mlflow": (mlflow_port, mlflow_url, "/health", mlflow_command, mlflow_env, store, destination),
     }
     started = {}
-    for name, (port, url, health, command, env) in wanted.items():
+    for name, (port, url, health, command, env, store_, artifacts_) in wanted.items():
         if name in services:
             continue
         if _port_in_use(port):
             raise ServiceError(f"{HOST}:{port} is already in use; choose another port for {name}")
         pid, start, log = _spawn(root, name, command, env)
         started[name] = Service(name=name, pid=pid, port=port, url=url, health=url + health, log=log,
-                                command=command, start=start, auth=auth)
+                                command=command, start=start, auth=auth, backend=store_, artifacts=artifacts_)
     services.update(started)
     _write_state(root, services)
     deadline = time.monotonic() + timeout_s
@@ -328,7 +437,8 @@ def down(root: Path, grace_s: float = 15.0) -> dict[str, str]:
     root = root.resolve()
     outcome = {}
     keep = {}
-    for name, service in read_state(root).items():
+    # PostgreSQL last: MLflow closes its connections first
+    for name, service in sorted(read_state(root).items(), key=lambda item: item[0] == "postgres"):
         kind, why = identify(service)
         if kind == "unknown":
             keep[name] = service  # the server may still run: keep its record
@@ -339,6 +449,9 @@ def down(root: Path, grace_s: float = 15.0) -> dict[str, str]:
             continue
         if kind == "other":
             outcome[name] = f"not signalled: {why}; it is not the server `rlvr services up` started"
+            continue
+        if name == "postgres":
+            outcome[name] = _stop_postgres(root, service, grace_s)
             continue
         _signal_group(service, signal.SIGTERM)
         # From here the PID and start time alone name the server: an exiting process loses its command
@@ -357,6 +470,23 @@ def down(root: Path, grace_s: float = 15.0) -> dict[str, str]:
     else:
         (root / STATE).unlink(missing_ok=True)
     return outcome
+
+
+def _stop_postgres(root: Path, service: Service, grace_s: float) -> str:
+    """`pg_ctl stop -m fast` (disconnect clients, checkpoint, exit) on the recorded server, already checked to
+    be that server; then `-m immediate`, then SIGKILL of the postmaster, each only while it still runs."""
+    bindir = Path(service.command[0]).parent
+    text = ""
+    for mode in ("fast", "immediate"):
+        if not _is_server(service):
+            break
+        ok, text = postgres.stop(root, bindir, mode, grace_s)
+        if _wait_gone(service, grace_s if ok else 1.0):
+            return f"stopped (pid {service.pid}, pg_ctl stop -m {mode})"
+    if _signal_group(service, signal.SIGKILL):
+        _wait_gone(service, 10.0)
+        return f"stopped (pid {service.pid}, SIGKILL after pg_ctl stop failed: {text[-300:]})"
+    return f"stopped (pid {service.pid})"
 
 
 def _wait_gone(service: Service, timeout_s: float) -> bool:
@@ -381,14 +511,24 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _service_healthy(root: Path, service: Service) -> bool:
+    if service.name == "postgres":
+        return postgres.ready(root, service.port)
+    return _healthy(service.health)
+
+
 def status(root: Path) -> dict[str, dict]:
-    """Per recorded server: URL, PID, log, --auth, whether the PID is still that server (and why not),
-    and whether it answers its health check."""
+    """Per recorded server: URL, PID, backend (its store; PostgreSQL: its data folder), artifact store, log,
+    --auth, whether the PID is still that server (and why not), and whether it answers its health check."""
+    root = root.resolve()
     report = {}
-    for name, s in read_state(root.resolve()).items():
+    for name, s in read_state(root).items():
         kind, why = identify(s)
-        report[name] = {"url": s.url, "pid": s.pid, "log": s.log, "auth": s.auth, "is_server": kind == "server",
-                        "healthy": kind == "server" and _healthy(s.health)}
+        report[name] = {"url": s.url, "pid": s.pid, "backend": s.backend or "unrecorded (older version)",
+                        "log": s.log, "auth": s.auth, "is_server": kind == "server",
+                        "healthy": kind == "server" and _service_healthy(root, s)}
+        if s.artifacts:
+            report[name]["artifacts"] = s.artifacts
         if why:
             report[name]["problem"] = why
     return report

@@ -449,6 +449,13 @@ def compare(runs: Sequence[RunResult], baseline_variant: str, n_boot: int = 2000
     if not baseline_last:
         notes.append(f"the baseline {baseline_variant} has no held-out curve point, so steps to its final "
                      "pass@1 cannot be computed")
+    else:
+        starts = [_finite_points(r, "pass_at_1") for r in by_variant[baseline_variant].values()]
+        starts = [float(points["pass_at_1"].iloc[0]) for points in starts if not points.empty]
+        if starts and target <= float(np.mean(starts)) + _REACH_TOLERANCE:
+            notes.append(f"the baseline {baseline_variant} ends ({target:.3f}) no higher than it starts "
+                         f"({float(np.mean(starts)):.3f}, its first curve point): steps to target then measure "
+                         "no learning, and a run reaches the target at its first point")
 
     variant_results, seed_results = [], []
     for variant in order:

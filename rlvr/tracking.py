@@ -55,7 +55,12 @@ def tracking_uri(params: Params) -> str:
     return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
 
 
-def artifact_location() -> str:
+def artifact_location(uri: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: mlruns/artifacts for a local store; None (the server's
+    choice) when `uri` is a tracking server, which may proxy artifacts (mlflow-artifacts:/) so that
+    clients never write to the storage themselves."""
+    if uri and uri.startswith(("http://", "https://")):
+        return None
     return (project_root() / "mlruns" / "artifacts").as_uri()
 
 
@@ -114,9 +119,16 @@ def ensure_experiment(params: Params) -> str:
     """Create the project's experiment (artifacts under mlruns/) if needed, make it current, return its id."""
     import mlflow
 
+    from mlflow.exceptions import MlflowException
+
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
     if experiment is None:
-        mlflow.create_experiment(params.tracking.experiment, artifact_location=artifact_location())
+        try:
+            mlflow.create_experiment(params.tracking.experiment,
+                                     artifact_location=artifact_location(tracking_uri(params)))
+        except MlflowException as error:  # a concurrent stage (another `dvc exp run`) created it first
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     return mlflow.set_experiment(params.tracking.experiment).experiment_id
 
 

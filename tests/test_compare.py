@@ -382,3 +382,17 @@ def test_log_to_mlflow_needs_the_reports_runs(tmp_path):
     report = compare.compare(runs, "base", n_boot=50)
     with pytest.raises(CompareError, match=r"missing \['new-3'\]"):
         compare.log_to_mlflow(report, runs[:-1], "x", tracking_uri=f"sqlite:///{tmp_path / 'db'}")
+
+
+def test_a_baseline_that_learned_nothing_is_named_in_the_notes():
+    """Steps to the baseline's final pass@1 mean nothing when that is no higher than where it started."""
+    flat = [run("base", s, [1, 1, 1, 1], points={0: 0.40, 20: 0.35, 40: 0.39}) for s in (0, 1)]
+    flat += [run("new", s, [1, 1, 1, 1], points={0: 0.40, 40: 0.41}) for s in (0, 1)]
+    report = compare.compare(flat, "base")
+    note = [n for n in report.notes if "no higher than it starts" in n]
+    assert note == ["the baseline base ends (0.390) no higher than it starts (0.400, its first curve point): "
+                    "steps to target then measure no learning, and a run reaches the target at its first point"]
+    assert {r.steps_to_target for r in report.runs} == {0}
+
+    learned = [run("base", s, [1, 1, 1, 1], points={0: 0.30, 40: 0.39}) for s in (0, 1)] + flat[2:]
+    assert not [n for n in compare.compare(learned, "base").notes if "no higher than it starts" in n]

@@ -59,3 +59,28 @@ def test_compare_of_an_unknown_grid_is_one_line(tmp_path, capsys, monkeypatch):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     with pytest.raises(grid.GridError, match="no finished experiments named nothing-"):
         grid.collect(tmp_path, "nothing")
+
+
+def test_a_grid_without_its_own_baseline_takes_the_given_warmup_evaluation(tmp_path, monkeypatch):
+    """evaluate.baseline=false experiments get the RL gain from --warmup-eval, only on the same problems."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from rlvr.io import write_parquet
+
+    warmup_file = tmp_path / "warmup_arith.parquet"
+    write_parquet(warmup_file, pd.DataFrame({"id": ["a", "b"], "correct": [[True, False], [False, False]]}))
+    params = {"train": {"order": "uniform", "seed": 0}}
+    monkeypatch.setattr(grid, "experiments", lambda root, name: {"g-0": "rev0", "g-1": "rev1"})
+    monkeypatch.setattr(grid, "_git_text", lambda root, rev, path: (
+        yaml.safe_dump({"train": {**params["train"], "seed": int(rev[-1])}}) if path == "params.yaml"
+        else "step,pass_at_1,greedy_accuracy\n0,0.25,0.5\n"))
+    policies = {"rev0": (["a", "b"], np.array([[True, True], [True, False]])),
+                "rev1": (["a", "c"], np.array([[True, True], [False, False]]))}
+    monkeypatch.setattr(grid, "_correct_matrix",
+                        lambda root, rev, model, eval_set: policies[rev] if model == "policy" else None)
+    runs = {r.name: r for r in grid.collect(tmp_path, "g", warmup_eval=warmup_file)}
+    assert runs["g-0"].baseline_correct.tolist() == [[True, False], [False, False]]
+    assert runs["g-1"].baseline_correct is None  # other problems: no gain rather than a wrong one
+    assert {r.name: r.baseline_correct for r in grid.collect(tmp_path, "g")}["g-0"] is None
