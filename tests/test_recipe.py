@@ -108,8 +108,10 @@ def test_strings_that_need_quoting_reach_dvc_unchanged(tmp_path):
 
 def test_apply_writes_params_yaml_keeping_comments(tmp_path, monkeypatch):
     chosen = _write_recipe(tmp_path, "small", {"train.max_steps": 7, "launch.processes": 2})
+    before = config.load(tmp_path / "params.yaml")
     changes = recipe.apply(chosen, tmp_path / "params.yaml")
-    assert changes == [("train.max_steps", 150, 7), ("launch.processes", 1, 2)]
+    assert changes == [("train.max_steps", before.train.max_steps, 7), ("launch.processes", 1, 2)]
+    assert before.train.max_steps != 7
     text = (tmp_path / "params.yaml").read_text()
     params = config.load(tmp_path / "params.yaml")
     assert params.train.max_steps == 7 and params.launch.processes == 2
