@@ -6,7 +6,7 @@
   rlvr check                     validate params.yaml and the input paths it names (runs nothing)
   rlvr run [DVC REPRO ARGS]      rlvr check, then the pipeline (dvc repro), reporting to the services when up
   rlvr retrain                   one retrain: dvc repro, register, promote only a better model
-  rlvr schedule                  serve the retrain flow on the cron schedule in params (needs services)
+  rlvr schedule [--serve]        deploy retrain (prefect.yaml, cron from params) and start a worker (needs services)
   rlvr lineage [--version N]     a registered version's chain back to the source files
   rlvr grid --name G -S k=a,b    queue and run a grid of DVC experiments (variants x seeds)
   rlvr compare --grid G --baseline k=a   seed-aware comparison report of a grid (markdown, PNG, MLflow)
@@ -73,6 +73,7 @@ def cmd_services(args) -> int:
             health = "healthy" if entry["healthy"] else ("not answering" if entry["is_server"] else "not running")
             print(f"{name:8} {health:13} {entry['url']}  pid {entry['pid']}  backend {entry['backend']}"
                   + (f"  artifacts {entry['artifacts']}" if "artifacts" in entry else "")
+                  + (f"  pool {entry['pool']}" if "pool" in entry else "")
                   + (f"\n         {entry['problem']}" if "problem" in entry else ""))
         if not report:
             print(f"no servers recorded in {services.STATE}: `rlvr services up` starts them")
@@ -141,15 +142,39 @@ def cmd_schedule(args) -> int:
         raise SystemExit("rlvr schedule needs a Prefect server: run `rlvr services up` first "
                          "(Prefect's temporary server cannot hold schedules)")
     from flows import info_logging
-    from flows.retrain import retrain
     from rlvr import config
 
     info_logging()
     params = config.load(args.params)
-    print(f"serving retrain as deployment 'retrain/{params.retrain.deployment}' on cron "
-          f"'{params.retrain.cron}' against {os.environ['PREFECT_API_URL']} (Ctrl-C stops)", flush=True)
-    retrain.serve(name=params.retrain.deployment, cron=params.retrain.cron,
-                  parameters={"params_file": args.params}, print_starting_message=False)
+    if args.serve:
+        from flows.retrain import retrain
+
+        print(f"serving retrain as deployment 'retrain/{params.retrain.deployment}' on cron "
+              f"'{params.retrain.cron}' against {os.environ['PREFECT_API_URL']} (Ctrl-C stops)", flush=True)
+        retrain.serve(name=params.retrain.deployment, cron=params.retrain.cron,
+                      parameters={"params_file": args.params}, print_starting_message=False)
+        return 0
+    from flows import schedule
+
+    for change in schedule.render(root, params, args.params):
+        print(f"{schedule.PREFECT_FILE}: {change} (from {args.params})")
+    deployed = schedule.deploy(root, params.retrain.deployment, worker=not args.no_worker)
+    limit = (f"concurrency limit {deployed.concurrency_limit} ({deployed.collision_strategy})"
+             if deployed.concurrency_limit else "no concurrency limit")
+    print(f"deployment {deployed.name} on work pool '{deployed.pool}' ({deployed.pool_type}"
+          f"{', created' if deployed.pool_created else ''}), cron {', '.join(deployed.crons) or 'none'}, {limit}, "
+          f"against {os.environ['PREFECT_API_URL']}")
+    worker = deployed.worker
+    if worker is not None:
+        print(f"worker   {worker.url}  (pid {worker.pid}, log {worker.log}): runs the pool's flow runs; "
+              "`rlvr services down` stops it")
+    elif args.no_worker:
+        print(f"no worker started (--no-worker): start one where the runs should execute, "
+              f"`prefect worker start --pool {deployed.pool}`")
+    else:
+        print(f"no worker started: '{deployed.pool}' is a {deployed.pool_type} pool, not a process pool; start its "
+              f"worker where that infrastructure runs, `prefect worker start --pool {deployed.pool}`")
+    print(f"run one now: prefect deployment run '{deployed.name}'")
     return 0
 
 
@@ -271,11 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="check params, then run the pipeline (dvc repro); extra arguments go to dvc repro")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
-    for name, func, text in (("retrain", cmd_retrain, "retrain once: dvc repro, register, promote if better"),
-                             ("schedule", cmd_schedule, "serve the retrain flow on the cron schedule in params")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--params", default="params.yaml")
-        p.set_defaults(func=func)
+    p = sub.add_parser("retrain", help="retrain once: dvc repro, register, promote if better")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_retrain)
+    p = sub.add_parser("schedule", help="deploy the retrain flow from prefect.yaml (cron from params) to a work "
+                                        "pool and start a worker")
+    p.add_argument("--params", default="params.yaml")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--no-worker", action="store_true",
+                      help="deploy only; workers started elsewhere (`prefect worker start --pool POOL`) run the flows")
+    mode.add_argument("--serve", action="store_true",
+                      help="no pool and no worker: serve the retrain flow from this process (blocks; Ctrl-C stops)")
+    p.set_defaults(func=cmd_schedule)
     p = sub.add_parser("lineage", help="print a registered model version's lineage")
     p.add_argument("--name", help="registered model (default: retrain.registered_model)")
     p.add_argument("--version", help="version number (default: the champion)")

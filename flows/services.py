@@ -23,9 +23,15 @@ RLVR_SERVICES_USER / RLVR_SERVICES_PASSWORD.
 The password never touches the disk: it goes to the servers through their environment, and MLflow
 keeps only a hash of it in its user store, .services/mlflow-auth.db.
 
-Lightweight settings: Prefect's analytics, foreman, repossessor, trigger and event-logger services
-are off (nothing here uses work pools or automations); the scheduler stays on (cron deployments).
-MLflow runs one worker and no job runner.
+The worker. `rlvr schedule` (flows/schedule.py) adds a third kind of recorded service, `worker`:
+`prefect worker start --pool POOL` for the retrain deployment's process work pool, with its health
+check server on 127.0.0.1. `down` stops it first (its process group holds the flow runs it started),
+`status` shows its pool and health.
+
+Lightweight settings: Prefect's analytics, trigger and event-logger services are off (nothing here
+uses automations); the scheduler (cron deployments), the foreman (marks workers that stopped
+heartbeating offline) and the repossessor (frees the deployment concurrency slot of a run whose lease
+lapsed) stay on. MLflow runs one worker and no job runner.
 
 Not covered: the PID check needs /proc (Linux); elsewhere `down` signals nothing and says so.
 """
@@ -65,8 +71,8 @@ SERVED_ARTIFACTS = Path("mlruns/served-artifacts")  # its default
 
 PREFECT_LIGHT = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "true",
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "true",
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_EVENT_LOGGER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
@@ -90,6 +96,7 @@ class Service:
     auth: bool = False
     backend: str = ""  # MLflow: its store (no password); PostgreSQL: its data folder
     artifacts: str = ""  # MLflow: where artifacts go
+    pool: str = ""  # worker: the work pool it polls (its backend is the Prefect API it polls)
 
 
 def credentials() -> tuple[str, str]:
@@ -420,6 +427,66 @@ def up(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout_s:
     return services
 
 
+def prefect_client_env() -> dict[str, str]:
+    """PREFECT_API_URL (and PREFECT_API_AUTH_STRING) of the Prefect settings in effect, for subprocesses
+    that must talk to the same server as this process."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    if not api.url:
+        raise ServiceError("no Prefect server: run `rlvr services up` first (or set PREFECT_API_URL); "
+                           "Prefect's temporary server cannot hold deployments or work pools")
+    env = {"PREFECT_API_URL": api.url}
+    if api.auth_string is not None:
+        env["PREFECT_API_AUTH_STRING"] = api.auth_string.get_secret_value()
+    return env
+
+
+def start_worker(root: Path, pool: str, timeout_s: float = 300.0) -> Service:
+    """Start `prefect worker start --pool POOL --type process` as the recorded service `worker` (or return the
+    one already polling `pool`) and wait until the Prefect server lists it online.
+
+    The worker talks to the Prefect server of the settings in effect (`prefect_client_env`); the rest of
+    this process's environment goes to the worker and from it to every flow run it starts
+    (MLFLOW_TRACKING_URI, PREFECT_HOME, ...). Its health check server listens on 127.0.0.1, on a free port:
+    /health answers 200 while the worker keeps polling the server."""
+    root = root.resolve()
+    client_env = prefect_client_env()
+    current = running(root).get("worker")
+    if current is not None:
+        if current.pool != pool or current.backend != client_env["PREFECT_API_URL"]:
+            raise ServiceError(f"a worker already runs for pool {current.pool!r} on {current.backend} (pid "
+                               f"{current.pid}); `rlvr services down` stops it")
+        return current
+    port = _free_port()
+    name = f"rlvr-{socket.gethostname()}-{secrets.token_hex(3)}"
+    command = [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name,
+               "--with-healthcheck"]
+    env = {**client_env, "PREFECT_WORKER_WEBSERVER_HOST": HOST, "PREFECT_WORKER_WEBSERVER_PORT": str(port)}
+    pid, start, log = _spawn(root, "worker", command, env)
+    url = f"http://{HOST}:{port}"
+    service = Service(name="worker", pid=pid, port=port, url=url, health=url + "/health", log=log,
+                      command=command, start=start, auth="PREFECT_API_AUTH_STRING" in client_env,
+                      backend=client_env["PREFECT_API_URL"], pool=pool)
+    _write_state(root, {**read_state(root), "worker": service})
+    deadline = time.monotonic() + timeout_s
+    while not (_healthy(service.health) and _worker_online(pool, name)):
+        if not _is_server(service):
+            raise ServiceError(f"the worker for pool {pool!r} exited during start-up; see {log}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"the worker for pool {pool!r} was not online in {timeout_s:.0f} s; see {log}")
+        time.sleep(0.5)
+    return service
+
+
+def _worker_online(pool: str, name: str) -> bool:
+    """Whether the Prefect server (of the settings in effect) has a heartbeat from worker `name` in `pool`."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return any(w.name == name and w.status.value == "ONLINE" for w in client.read_workers_for_work_pool(pool))
+
+
 def _signal_group(service: Service, signum: int) -> bool:
     """Signal the server's process group, after checking (again) that the PID is still the server."""
     if not _is_server(service):
@@ -437,8 +504,9 @@ def down(root: Path, grace_s: float = 15.0) -> dict[str, str]:
     root = root.resolve()
     outcome = {}
     keep = {}
-    # PostgreSQL last: MLflow closes its connections first
-    for name, service in sorted(read_state(root).items(), key=lambda item: item[0] == "postgres"):
+    # the worker first (it reports its runs' end to Prefect); PostgreSQL last: MLflow closes its connections first
+    order = {"worker": 0, "postgres": 2}
+    for name, service in sorted(read_state(root).items(), key=lambda item: order.get(item[0], 1)):
         kind, why = identify(service)
         if kind == "unknown":
             keep[name] = service  # the server may still run: keep its record
@@ -529,6 +597,8 @@ def status(root: Path) -> dict[str, dict]:
                         "healthy": kind == "server" and _service_healthy(root, s)}
         if s.artifacts:
             report[name]["artifacts"] = s.artifacts
+        if s.pool:
+            report[name]["pool"] = s.pool
         if why:
             report[name]["problem"] = why
     return report

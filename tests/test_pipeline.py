@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STAGES = ("prepare", "warmup", "score", "rollout", "filter", "train", "evaluate")
 PROJECT_FILES = ["dvc.yaml", "pyproject.toml", "rlvr", "stages", "flows", "data/sources", ".dvc/config",
-                 ".dvcignore", ".gitignore", "data/.gitignore"]
+                 ".dvcignore", ".gitignore", "data/.gitignore", "prefect.yaml"]
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
                 "GIT_COMMITTER_EMAIL": "test@localhost"}  # `dvc exp run` commits experiments
 

@@ -1,4 +1,5 @@
-"""End to end, real servers on loopback: services up, retrain three times, schedule, lineage, services down."""
+"""End to end, real servers on loopback: services up, retrain three times, schedule (served, and on a work pool
+with a worker), lineage, services down."""
 
 import json
 import os
@@ -99,15 +100,32 @@ def test_retrain_registers_schedules_and_traces(project, client):
     assert second["changed_stages"] == [] and second["ran_stages"] == []
     assert not second["registered"] and not second["promoted"] and second["version"] == "1"
 
-    # 4. The schedule: `rlvr schedule` serves the retrain flow; its deployment carries the cron from params.
-    proc = subprocess.Popen([str(BIN / "rlvr"), "schedule"], cwd=repo, env=_env(repo), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    # 4. The schedule without a pool: `rlvr schedule --serve` serves the retrain flow; its deployment carries
+    # the cron from params.
+    deployment = f"retrain/{params['retrain']['deployment']}"
+    proc = subprocess.Popen([str(BIN / "rlvr"), "schedule", "--serve"], cwd=repo, env=_env(repo),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        cron = _wait_for_schedule(running["prefect"].url + "/api", f"retrain/{params['retrain']['deployment']}")
+        cron = _wait_for_schedule(running["prefect"].url + "/api", deployment)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     assert cron == params["retrain"]["cron"]
+
+    # 4b. The default: `rlvr schedule` writes the cron into prefect.yaml, deploys it to the process pool with
+    # its concurrency limit and starts a worker; a run triggered through the API completes on the worker and
+    # records its MLflow retrain run (nothing changed, so it trains nothing).
+    out = _rlvr(repo, "schedule")
+    assert f"cron '0 3 * * *' -> '{params['retrain']['cron']}'" in out and "concurrency limit 1 (ENQUEUE)" in out, out
+    assert yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"][0]["schedules"] == \
+        [{"cron": params["retrain"]["cron"]}]
+    worker = services.running(repo)["worker"]
+    run = _run_deployment(running["prefect"].url + "/api", deployment)
+    assert run.state.is_completed() and run.work_pool_name == "rlvr", run.state
+    assert str(run.id) in Path(worker.log).read_text()  # the worker submitted it
+    retrains = client.search_runs(experiments, "tags.`rlvr.flow` = 'retrain'")
+    assert len(retrains) == 3 and all(r.info.status == "FINISHED" for r in retrains)
+    assert services.status(repo)["worker"]["healthy"]
 
     # 5. A worse model (a shorter warm-up; the shrunk GRPO run cannot change a model that solves
     # nothing, so the warm-up decides): the stages from warmup on rerun, version 2 is registered, the
@@ -145,6 +163,23 @@ def _wait_for_schedule(api_url: str, deployment: str, timeout_s: float = 90.0) -
                 return cron
             time.sleep(1.0)
     raise AssertionError(f"deployment {deployment} with a schedule did not appear in {timeout_s} s")
+
+
+def _run_deployment(api_url: str, deployment: str, timeout_s: float = 900.0):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        run = run_deployment(deployment, timeout=0)
+        deadline = time.monotonic() + timeout_s
+        with get_client(sync_client=True) as prefect:
+            while time.monotonic() < deadline:
+                run = prefect.read_flow_run(run.id)
+                if run.state.is_final():
+                    return run
+                time.sleep(1.0)
+    raise AssertionError(f"{deployment}: flow run {run.id} not finished in {timeout_s} s ({run.state})")
 
 
 def test_services_down_stops_the_recorded_processes(tmp_path):
