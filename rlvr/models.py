@@ -254,3 +254,11 @@ def mixed_precision(name: str) -> str:
     if name == "auto":
         return "bf16" if bf16_available() else "no"
     return name
+
+
+def checkpointing_off(config_class: type) -> dict[str, bool]:
+    """The keyword that turns activation checkpointing off in a TRL config (TRL turns it on by default).
+    transformers 5.24 (the CPU set) calls it activation_checkpointing and warns (FutureWarning) on the
+    old name; 5.17 (the GPU set, capped by vLLM) knows only gradient_checkpointing."""
+    fields = config_class.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": False}

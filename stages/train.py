@@ -124,7 +124,7 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
         use_cpu=not cuda,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        activation_checkpointing=False,  # TRL turns it on by default; on a CPU it only costs time
+        **models.checkpointing_off(GRPOConfig),  # TRL turns it on by default; on a CPU it only costs time
         use_vllm=t.use_vllm,
         vllm_mode=t.vllm_mode,
         vllm_server_host=t.vllm_server_host,

@@ -111,7 +111,8 @@ def test_a_grpo_step_changes_every_trainable_parameter(tmp_path):
 
 def test_grpo_config_is_cpu_safe(small_params, tmp_path):
     cfg = train.grpo_config(small_params, str(tmp_path))
-    assert cfg.gradient_checkpointing is False and cfg.activation_checkpointing is False
+    # transformers 5.24 (CPU set) mirrors it into activation_checkpointing; 5.17 (GPU set) has only gradient_checkpointing
+    assert cfg.gradient_checkpointing is False and getattr(cfg, "activation_checkpointing", False) is False
     assert cfg.top_k == 0
     # exact resume: every step generates (no buffer across steps), TRL's sampler walks the prompt plan
     assert cfg.steps_per_generation == 1 and cfg.num_iterations == 1 and cfg.shuffle_dataset is False
