@@ -183,11 +183,15 @@ def cmd_schedule(args) -> int:
     info_logging()
     params = config.load(args.params)
     if args.serve:
+        from prefect.schedules import Cron
+
         from flows.retrain import retrain
 
         print(f"serving retrain as deployment 'retrain/{params.retrain.deployment}' on cron "
-              f"'{params.retrain.cron}' against {os.environ['PREFECT_API_URL']} (Ctrl-C stops)", flush=True)
-        retrain.serve(name=params.retrain.deployment, cron=params.retrain.cron,
+              f"'{params.retrain.cron}' ({params.retrain.timezone}) against {os.environ['PREFECT_API_URL']} "
+              "(Ctrl-C stops)", flush=True)
+        retrain.serve(name=params.retrain.deployment,
+                      schedules=[Cron(params.retrain.cron, timezone=params.retrain.timezone)],
                       parameters={"params_file": args.params}, print_starting_message=False)
         return 0
     from flows import schedule

@@ -127,7 +127,7 @@ def init(root: Path, bindir_: Path, uid: int | None) -> None:
     password = secrets.token_urlsafe(24)
     pwfile = root / DIR / "initdb-password"
     try:
-        write_text(pwfile, password + "\n")  # mode 0600 (mkstemp)
+        write_text(pwfile, password + "\n", mode=0o600)
         if uid is not None:
             os.chown(data, uid, -1)
             os.chown(pwfile, uid, -1)
@@ -141,7 +141,7 @@ def init(root: Path, bindir_: Path, uid: int | None) -> None:
                                  "--locale=C", "--no-instructions"], capture_output=True, text=True)
         if result.returncode != 0:
             raise PostgresError(f"initdb failed in {data}:\n{(result.stdout + result.stderr)[-2000:]}")
-        write_text(passfile, f"{HOST}:*:*:{ROLE}:{password}\n")
+        write_text(passfile, f"{HOST}:*:*:{ROLE}:{password}\n", mode=0o600)
     except BaseException:
         shutil.rmtree(data, ignore_errors=True)
         raise

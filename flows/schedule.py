@@ -3,11 +3,12 @@
 prefect.yaml (project root) declares the retrain deployment: entrypoint flows/retrain.py:retrain,
 work pool `rlvr`, a concurrency limit of 1 (collision strategy ENQUEUE) and the cron schedule.
 `rlvr schedule`:
-1. `render` writes the retrain deployment's name, cron and params_file into prefect.yaml from
-   params.yaml (retrain.deployment, retrain.cron) and --params. params.yaml stays the one place to edit
-   them; the file is rewritten only where it differs, comments and every other key kept (ruamel.yaml
-   round trip), so `prefect deploy` run by hand deploys the same thing, and tests/test_schedule.py
-   fails when the committed prefect.yaml lags behind the committed params.yaml.
+1. `render` writes the retrain deployment's name, cron, time zone and params_file into prefect.yaml
+   from params.yaml (retrain.deployment, retrain.cron, retrain.timezone) and --params. params.yaml
+   stays the one place to edit them; the file is rewritten only where it differs, comments and
+   every other key kept (ruamel.yaml round trip), so `prefect deploy` run by hand deploys the same
+   thing, and tests/test_schedule.py fails when the committed prefect.yaml lags behind the committed
+   params.yaml.
 2. `ensure_pool` creates the deployment's work pool as a `process` pool when the server has none of
    that name (an existing pool of any type is left as it is).
 3. `deploy` runs `prefect deploy --prefect-file prefect.yaml --name NAME`: Prefect itself reads the
@@ -102,9 +103,10 @@ def deployment(data, path: Path, *, name: str | None = None, entrypoint: str | N
 
 
 def render(root: Path, params, params_file: str = "params.yaml") -> list[str]:
-    """Set the retrain deployment's name, first schedule's cron and params_file in prefect.yaml from
-    params (retrain.deployment, retrain.cron) and `params_file`; rewrite the file (atomically) only
-    when something differs. Returns the changes, in words (empty when the file already agrees)."""
+    """Set the retrain deployment's name, first schedule's cron and time zone and params_file in
+    prefect.yaml from params (retrain.deployment, retrain.cron, retrain.timezone) and `params_file`;
+    rewrite the file (atomically) only when something differs. Returns the changes, in words (empty
+    when the file already agrees)."""
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
     from rlvr.io import write_text
@@ -123,11 +125,16 @@ def render(root: Path, params, params_file: str = "params.yaml") -> list[str]:
         spec["name"] = r.deployment
     schedules = spec.get("schedules")
     if not isinstance(schedules, list) or not schedules or not isinstance(schedules[0], dict):
-        changes.append(f"schedules -> cron {r.cron!r}")
-        spec["schedules"] = [{"cron": DoubleQuotedScalarString(r.cron)}]
-    elif schedules[0].get("cron") != r.cron:
-        changes.append(f"cron {schedules[0].get('cron')!r} -> {r.cron!r}")
-        schedules[0]["cron"] = DoubleQuotedScalarString(r.cron)
+        changes.append(f"schedules -> cron {r.cron!r} in {r.timezone}")
+        spec["schedules"] = [{"cron": DoubleQuotedScalarString(r.cron),
+                              "timezone": DoubleQuotedScalarString(r.timezone)}]
+    else:
+        if schedules[0].get("cron") != r.cron:
+            changes.append(f"cron {schedules[0].get('cron')!r} -> {r.cron!r}")
+            schedules[0]["cron"] = DoubleQuotedScalarString(r.cron)
+        if schedules[0].get("timezone") != r.timezone:  # absent: Prefect reads the cron in UTC
+            changes.append(f"timezone {schedules[0].get('timezone')!r} -> {r.timezone!r}")
+            schedules[0]["timezone"] = DoubleQuotedScalarString(r.timezone)
     if not isinstance(spec.get("parameters"), dict):
         spec["parameters"] = {}
     if spec["parameters"].get("params_file") != params_file:
@@ -200,6 +207,6 @@ def deploy(root: Path, name: str, worker: bool = True, timeout_s: float = 600.0)
     strategy = record.concurrency_options.collision_strategy.value if record.concurrency_options else None
     started = services.start_worker(root, pool, timeout_s) if worker and pool_type == POOL_TYPE else None
     return Deployed(name=f"{flow_name}/{record.name}", id=str(record.id), pool=pool, pool_type=pool_type,
-                    pool_created=created, crons=[s.schedule.cron for s in record.schedules
-                                                 if isinstance(s.schedule, CronSchedule)],
+                    pool_created=created, crons=[f"{s.schedule.cron} ({s.schedule.timezone or 'UTC'})"
+                                                 for s in record.schedules if isinstance(s.schedule, CronSchedule)],
                     concurrency_limit=limit, collision_strategy=strategy, worker=started)

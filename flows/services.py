@@ -367,7 +367,9 @@ def up(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout_s:
                                "run `rlvr services down` first")
     (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
     prefect_url, mlflow_url = f"http://{HOST}:{prefect_port}", f"http://{HOST}:{mlflow_port}"
-    prefect_env = {"PREFECT_HOME": str(root / ".prefect"), **PREFECT_LIGHT, **prefect_security(prefect_url)}
+    prefect_env = {"PREFECT_HOME": str(root / ".prefect"), **PREFECT_LIGHT, **prefect_security(prefect_url),
+                   # the UI's API address; without it the UI calls port 4200 whatever port the server is on
+                   "PREFECT_UI_API_URL": f"{prefect_url}/api"}
     mlflow_command = [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port), "--workers", "1"]
     mlflow_env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                   # the server's job runner starts a pool of background consumer processes this

@@ -24,6 +24,7 @@ import math
 import re
 import types
 import typing
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -555,8 +556,9 @@ class Retrain:
     benchmark: str
     metric: str             # a key of metrics/eval.json[benchmark]
     min_improvement: float  # the champion alias moves only for at least this gain
-    cron: str               # five-field cron, server time zone
+    cron: str               # five-field cron, read in `timezone`
     deployment: str
+    timezone: str           # IANA time zone of the cron (params.yaml: UTC)
 
     def __post_init__(self) -> None:
         _require(bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.registered_model)), "retrain.registered_model",
@@ -565,6 +567,8 @@ class Retrain:
                  "use five cron fields: minute hour day-of-month month day-of-week")
         _at_least("retrain.min_improvement", self.min_improvement, 0)
         _require(bool(self.deployment.strip()), "retrain.deployment", self.deployment, "name the Prefect deployment")
+        _require(self.timezone in zoneinfo.available_timezones(), "retrain.timezone", self.timezone,
+                 "use an IANA time zone name such as UTC or Europe/Berlin")
 
 
 @dataclass(frozen=True)

@@ -73,12 +73,26 @@ def remove_orphans(folder: str | os.PathLike, name: str | None = None) -> int:
     return len(gone)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the process umask (0644 / 0755 typically).
+    mkstemp and mkdtemp create 0600 / 0700, which would hide a team's shared outputs from the team."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed to `path`.
 
     On an exception the temporary file is removed and `path` is left as it was. Temporary files of
-    `path` left by killed writers are removed first.
+    `path` left by killed writers are removed first. The file gets `mode` (default: what the umask
+    allows, as open() would give); secrets pass 0o600. The temporary file is 0600 until then, so a
+    secret is never readable by others, not even half written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +102,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, default_mode() if mode is None else mode)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -107,6 +122,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would hide the folder from the team
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
@@ -124,8 +140,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    """Write `text` atomically; `mode` as in atomic_path (0o600 for a secret)."""
+    with atomic_path(path, mode) as tmp:
         tmp.write_text(text)
 
 

@@ -301,11 +301,21 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
     return metrics, rows
 
 
+# Columns a dvc.yaml plot draws that a run may not log: GAIN-RL's mu exists only with train.order
+# gain_rl. Always writing them keeps `dvc plots show` free of missing-field warnings; a column the run
+# did not log holds "NaN", which the plots leave out (a blank cell would be drawn as 0).
+CURVE_ALWAYS = ("gain_rl/mu",)
+
+
 def curve_csv(rows: list[dict]) -> str:
     """Training log rows as CSV for `dvc plots` (one row per logged step; blank where not logged)."""
     if not rows:
-        return "step\n"
-    return pd.DataFrame(rows).groupby("step", as_index=False).last().to_csv(index=False)
+        return ",".join(("step", *CURVE_ALWAYS)) + "\n"
+    frame = pd.DataFrame(rows).groupby("step", as_index=False).last()
+    for column in CURVE_ALWAYS:
+        if column not in frame.columns:
+            frame[column] = "NaN"
+    return frame.to_csv(index=False)
 
 
 def main(params: Params) -> dict:

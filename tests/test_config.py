@@ -180,6 +180,7 @@ BAD = [
      r"delta_pass_at_1 evaluate\.baseline"),
     ({"retrain.min_improvement": -0.1}, "retrain.min_improvement", -0.1, r">= 0"),
     ({"retrain.cron": "daily"}, "retrain.cron", "daily", r"five cron fields"),
+    ({"retrain.timezone": "CET+1"}, "retrain.timezone", "CET+1", r"IANA time zone name"),
     ({"retrain.registered_model": "my model"}, "retrain.registered_model", "my model", r"letters, digits"),
     ({"retrain.deployment": ""}, "retrain.deployment", "", r"name the Prefect deployment"),
     ({"tracking.experiment": ""}, "tracking.experiment", "", r"name the MLflow experiment"),

@@ -190,6 +190,27 @@ def test_a_killed_atomic_write_keeps_the_old_output_and_the_next_write_cleans_up
     assert remove_orphans(tmp_path) == 1 and running.exists()  # the folder's leftover; ours stays
 
 
+def test_atomic_outputs_get_the_umask_mode_and_secrets_stay_private(tmp_path):
+    """mkstemp / mkdtemp make 0600 / 0700; outputs a team shares must get what open() / mkdir() give."""
+    import stat
+
+    from rlvr.io import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "metrics.json", "{}")
+        write_text(tmp_path / "secret", "pw", mode=0o600)
+        with atomic_dir(tmp_path / "policy") as tmp:
+            (tmp / "model.bin").write_bytes(b"w")
+        os.umask(0o077)
+        write_json(tmp_path / "private.json", {})
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode)
+             for name in ("metrics.json", "secret", "policy", "private.json")}
+    assert modes == {"metrics.json": 0o644, "secret": 0o600, "policy": 0o755, "private.json": 0o600}
+
+
 @pytest.mark.slow
 def test_killed_rollouts_resume_from_finished_chunks_and_match_an_uninterrupted_run(workspace, tmp_path):
     cache = workspace / "data/rollout_cache"

@@ -47,7 +47,7 @@ def project(tmp_path_factory):
 
     def shrink(p):
         nonlocal params
-        p["retrain"].update(min_improvement=0.05, cron="17 4 * * 1")
+        p["retrain"].update(min_improvement=0.05, cron="17 4 * * 1", timezone="Europe/Berlin")
         params = p
 
     repo = make_repo(tmp_path_factory.mktemp("retrain"), shrink)
@@ -110,15 +110,16 @@ def test_retrain_registers_schedules_and_traces(project, client):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    assert cron == params["retrain"]["cron"]
+    assert cron == f"{params['retrain']['cron']} (Europe/Berlin)"
 
     # 4b. The default: `rlvr schedule` writes the cron into prefect.yaml, deploys it to the process pool with
     # its concurrency limit and starts a worker; a run triggered through the API completes on the worker and
     # records its MLflow retrain run (nothing changed, so it trains nothing).
     out = _rlvr(repo, "schedule")
     assert f"cron '0 3 * * *' -> '{params['retrain']['cron']}'" in out and "concurrency limit 1 (ENQUEUE)" in out, out
+    assert "timezone 'UTC' -> 'Europe/Berlin'" in out and "(Europe/Berlin)" in out, out
     assert yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"][0]["schedules"] == \
-        [{"cron": params["retrain"]["cron"]}]
+        [{"cron": params["retrain"]["cron"], "timezone": "Europe/Berlin"}]
     worker = services.running(repo)["worker"]
     run = _run_deployment(running["prefect"].url + "/api", deployment)
     assert run.state.is_completed() and run.work_pool_name == "rlvr", run.state
@@ -140,6 +141,86 @@ def test_retrain_registers_schedules_and_traces(project, client):
     assert client.get_model_version_by_alias(name, registry.CHAMPION).version == "1"
 
 
+def test_the_uis_show_the_stage_runs_the_decision_and_the_model(project, client, tmp_path):
+    """After the retrain above: a real browser with no network opens the Prefect and MLflow UIs that
+    `rlvr services up` serves and finds a stage's flow run, the retrain decision artifact, the runs
+    table (MLflow's model-training view, not its GenAI one) and the registered model."""
+    from tests.browser import chromium_path
+
+    if chromium_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    _, params, running = project
+    name = params["retrain"]["registered_model"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (stage,) = client.search_runs(experiments, "tags.`dvc.stage` = 'evaluate'", max_results=1)
+    decision = latest_artifact(running["prefect"].url + "/api", "retrain-decision")
+    pages = service_pages(running["prefect"].url, running["mlflow"].url, stage, decision, name, "1")
+    seconds = check_pages(pages, tmp_path)
+    print(f"chromium: {len(pages)} UI pages in {seconds:.1f} s")
+
+
+def latest_artifact(api_url: str, key: str) -> str:
+    """The id of the newest Prefect artifact with this key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect:
+        (artifact,) = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                             sort=ArtifactSort.CREATED_DESC, limit=1)
+    return str(artifact.id)
+
+
+def service_pages(prefect: str, mlflow: str, stage, decision: str, model: str,
+                  version: str) -> dict[str, tuple[str, list[str]]]:
+    """Page -> (URL, texts it must show) for a stage's MLflow run `stage`, the retrain decision artifact
+    (its id) and a registered model version. MLflow 3 opens an experiment in its GenAI view unless the
+    URL asks for `workflowType=machine_learning`."""
+    experiment, flow_run = stage.info.experiment_id, stage.data.tags["prefect.flow_run_id"]
+    return {
+        "prefect-stage-run": (f"{prefect}/runs/flow-run/{flow_run}", [stage.data.tags["dvc.stage"], "Completed"]),
+        "prefect-retrain-decisions": (f"{prefect}/artifacts/key/retrain-decision", ["retrain-decision", "Flow run"]),
+        "prefect-retrain-decision": (f"{prefect}/artifacts/artifact/{decision}", ["retrain-decision", "Retrain:"]),
+        "mlflow-runs": (f"{mlflow}/#/experiments/{experiment}/runs?workflowType=machine_learning",
+                        ["Model registry", "retrain", "matching run"]),
+        "mlflow-model": (f"{mlflow}/#/models/{model}?workflowType=machine_learning", [model, f"Version {version}"]),
+    }
+
+
+# Errors the UIs log whatever the data: MLflow's UI asks for the signed-in user, an endpoint only its
+# auth app serves; Prefect's server has no favicon, and its flow-run page asks for an icon named
+# "undefined". All are 404s on this machine's own servers.
+UI_NOISE = ("/ajax-api/2.0/mlflow/users/current", "/favicon.ico", "/ico/undefined.svg")
+
+
+def check_pages(pages: dict[str, tuple[str, list[str]]], shots: Path) -> float:
+    """Open each page offline; each must show its texts, with no script error and no request off the
+    machine. Saves a screenshot per page into `shots`; returns the seconds it took."""
+    from tests.browser import Browser
+
+    start = time.monotonic()
+    problems = []
+    with Browser(offline=True, timeout=120) as browser:
+        for label, (url, texts) in pages.items():
+            ready = " && ".join(f"document.body.innerText.includes({json.dumps(t)})" for t in texts)
+            visit = browser.visit(url, ready=f"!!document.body && {ready}", settle=1.0,
+                                  evaluate={"text": "document.body ? document.body.innerText : ''"},
+                                  screenshot=shots / f"{label}.png")
+            errors = [e for e in visit.errors if not any(noise in e for noise in UI_NOISE)]
+            if not visit.ready:
+                shown = " | ".join(visit.values["text"].split())[:1500]
+                problems.append(f"{label}: {url} does not show {texts}; it shows: {shown}")
+            if visit.outside:
+                problems.append(f"{label}: requests left the machine: {visit.outside}")
+            if errors:
+                problems.append(f"{label}: {url}: {errors}")
+    assert problems == [], "\n".join(problems)
+    return time.monotonic() - start
+
+
 def _wait_for_schedule(api_url: str, deployment: str, timeout_s: float = 90.0) -> str:
     import asyncio
 
@@ -153,7 +234,8 @@ def _wait_for_schedule(api_url: str, deployment: str, timeout_s: float = 90.0) -
                 found = await prefect.read_deployment_by_name(deployment)
             except ObjectNotFound:
                 return None
-            return found.schedules[0].schedule.cron if found.schedules else None
+            schedule = found.schedules[0].schedule if found.schedules else None
+            return f"{schedule.cron} ({schedule.timezone})" if schedule else None
 
     deadline = time.monotonic() + timeout_s
     with temporary_settings({PREFECT_API_URL: api_url}):

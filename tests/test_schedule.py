@@ -40,6 +40,7 @@ def test_committed_prefect_yaml_agrees_with_params_and_declares_the_limit(tmp_pa
     (retrain,) = [d for d in model.deployments if d.entrypoint == schedule.ENTRYPOINT]
     params = real_params_dict()["retrain"]
     assert retrain.name == params["deployment"] and [s.cron for s in retrain.schedules] == [params["cron"]]
+    assert [s.timezone for s in retrain.schedules] == [params["timezone"]] == ["UTC"]  # stated, not implied
     assert retrain.concurrency_limit.limit == 1 and retrain.concurrency_limit.collision_strategy == "ENQUEUE"
     assert retrain.work_pool.name and retrain.parameters == {"params_file": "params.yaml"}
     path, function = schedule.ENTRYPOINT.split(":")
@@ -56,11 +57,27 @@ def test_render_writes_name_cron_and_params_file_and_keeps_the_rest(tmp_path):
     # exactly three lines replaced: the comments, the pool and the concurrency limit stay as written
     assert len(changed) == 6, "\n".join(changed)
     old, new = yaml.safe_load(before), yaml.safe_load(after)
-    old["deployments"][0].update(name="weekly", schedules=[{"cron": "17 4 * * 1"}],
+    old["deployments"][0].update(name="weekly", schedules=[{"cron": "17 4 * * 1", "timezone": "UTC"}],
                                  parameters={"params_file": "other.yaml"})
     assert new == old
     assert schedule.render(root, _params(cron="17 4 * * 1", deployment="weekly"), "other.yaml") == []
     assert (root / "prefect.yaml").read_text() == after
+
+
+def test_render_writes_the_time_zone_and_prefect_reads_the_cron_in_it(tmp_path):
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    root = _project(tmp_path)
+    assert schedule.render(root, _params(timezone="Europe/Berlin")) == ["timezone 'UTC' -> 'Europe/Berlin'"]
+    data = yaml.safe_load((root / "prefect.yaml").read_text())
+    assert data["deployments"][0]["schedules"] == [{"cron": "0 3 * * *", "timezone": "Europe/Berlin"}]
+    (retrain,) = PrefectYamlModel.model_validate(data).deployments
+    (cron,) = retrain.schedules
+    assert cron.timezone == "Europe/Berlin"
+    # A prefect.yaml without a time zone (as before retrain.timezone existed) gets one written.
+    data["deployments"][0]["schedules"] = [{"cron": "0 3 * * *"}]
+    (root / "prefect.yaml").write_text(yaml.safe_dump(data))
+    assert schedule.render(root, _params()) == ["timezone None -> 'UTC'"]
 
 
 @pytest.mark.parametrize("edit, message", [
