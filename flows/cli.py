@@ -80,6 +80,15 @@ def cmd_services(args) -> int:
         mlflow = running["mlflow"]
         print(f"\nMLflow store: {mlflow.backend or 'mlruns/mlflow.db'}"
               + (f"; artifacts: {mlflow.artifacts}" if mlflow.artifacts else ""))
+        try:
+            experiment = config.load(root / "params.yaml").tracking.experiment
+        except RlvrError:  # params.yaml is broken: the servers still run; `rlvr check` says what is wrong
+            experiment = None
+        pages = services.ui_pages(running["prefect"].url, mlflow.url, experiment,
+                                  services.credentials() if args.auth else None)
+        print()
+        for name, url in pages.items():
+            print(f"{name + ':':18} {url}")
         print(f"\nexport PREFECT_API_URL={running['prefect'].url}/api MLFLOW_TRACKING_URI={running['mlflow'].url}")
         if args.auth:
             user, password = f"${services.USER_ENV}", f"${services.PASSWORD_ENV}"
@@ -113,6 +122,16 @@ def cmd_services(args) -> int:
                   + (f"\n         {entry['problem']}" if "problem" in entry else ""))
         if not report:
             print(f"no servers recorded in {services.STATE}: `rlvr services up` starts them")
+        # The sweep imports MLflow and Prefect and asks both servers (tens of seconds on a busy machine):
+        # the status above is printed first.
+        sys.stdout.flush()
+        try:
+            _use_services(root)
+            swept = services.sweep_zombies(root)
+        except (services.ServiceError, RlvrError) as error:  # missing credentials, params.yaml broken
+            swept = [f"runs of stopped stages not swept: {error}"]
+        for line in swept:  # on stderr with --json, so that stdout stays one JSON document
+            print(f"swept    {line}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

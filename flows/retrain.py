@@ -27,9 +27,10 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact
 
-from flows import remote, services
+from flows import remote, services, sweep
 from rlvr import config, registry, tracking
 from rlvr.io import dvc_md5
 
@@ -101,6 +102,7 @@ def retrain(params_file: str = "params.yaml") -> dict:
     from mlflow import MlflowClient
 
     log = get_run_logger()
+    sweep.label_flow_run(flow_run.id)  # a killed retrain's flow run is crashed by the next sweep
     params = config.load(params_file)
     r = params.retrain
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
@@ -108,7 +110,9 @@ def retrain(params_file: str = "params.yaml") -> dict:
     client = MlflowClient()
     changes = pipeline_changes()
     with mlflow.start_run(run_name="retrain", experiment_id=experiment,
-                          tags={"rlvr.flow": "retrain", "git.commit": tracking.git_commit()}) as parent:
+                          tags={"rlvr.flow": "retrain", "git.commit": tracking.git_commit(),
+                                **sweep.flow_run_tags()}) as parent:
+        sweep.link_mlflow_run("retrain", parent, params)
         if changes:
             log.info("changed since the last run: %s", ", ".join(sorted(changes)))
             ran = repro(parent.info.run_id)
@@ -162,16 +166,23 @@ def retrain(params_file: str = "params.yaml") -> dict:
             champion_metrics = {k.split(".", 1)[1]: v for k, v in client.get_run(champion_eval).data.metrics.items()
                                 if k.startswith(f"{r.benchmark}.") and k.count(".") == 1}
     header = "nothing changed: no stage ran" if not changes else f"stages run: {', '.join(ran) or 'none'}"
+    uri = mlflow.get_tracking_uri()
+    model_name = f"`{r.registered_model}`"
+    if uri.startswith(("http://", "https://")):  # a tracking server serves the UI: link the model's page
+        model_name = f"[{model_name}]({tracking.registry_url(uri, r.registered_model)})"
+        summary["model_url"] = tracking.registry_url(uri, r.registered_model)
     create_markdown_artifact(
         key="retrain-decision",
         markdown=(f"## Retrain: {'promoted' if decision.promote else 'not promoted'}\n\n{decision.reason}\n\n"
-                  f"- {header}\n- `{r.registered_model}` version {version.version}"
+                  f"- {header}\n- {model_name} version {version.version}"
                   f"{' (new)' if registered else ' (already registered)'}, policy md5 `{policy_md5}`\n"
                   f"- champion before: {champion.version if champion else 'none'}\n\n"
                   f"### `{r.benchmark}` metrics\n\n{metrics_table(evaluated, champion_metrics)}\n"),
         description=f"retrain decision for {r.registered_model}",
     )
     log.info("retrain: %s", decision.reason)
+    if "model_url" in summary:
+        log.info("the registered model in MLflow: %s", summary["model_url"])
     summary["pushed"] = push_champion() if decision.promote else None
     if summary["pushed"]:
         log.info("%s", summary["pushed"])

@@ -7,7 +7,8 @@ process start time, port and URL in .services/services.json. `down` signals a re
 it is still that server (same start time, same command line): a PID reused by another process after
 the server died is reported and left alone. While the servers run, `environment()` gives
 PREFECT_API_URL and MLFLOW_TRACKING_URI for them (and the credentials, with --auth), so pipeline runs
-report to the servers instead of starting Prefect's temporary server per stage.
+report to the servers instead of starting Prefect's temporary server per stage. `rlvr services status`
+also closes the runs of stage processes that were killed (`sweep_zombies`, flows/sweep.py).
 
 MLflow's store. `up(backend="sqlite")` (the default) keeps mlruns/mlflow.db. `up(backend="postgres")`
 uses the PostgreSQL database named by RLVR_MLFLOW_BACKEND_URI, or else starts a local PostgreSQL
@@ -56,6 +57,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from base64 import b64encode
 from dataclasses import asdict, dataclass, field
@@ -149,6 +151,31 @@ def _status_with_login(url: str, user: str, password: str) -> int:
         return error.code
     except (urllib.error.URLError, OSError):
         return 0
+
+
+def ui_pages(prefect_url: str, mlflow_url: str, experiment: str | None,
+             login: tuple[str, str] | None = None) -> dict[str, str]:
+    """The UI pages worth opening, by name: Prefect's flow runs, MLflow's runs table of `experiment`
+    (once a stage created it) and its model registry, both in MLflow 3's model-training view (a bare
+    experiment link opens the GenAI traces page). The experiment's id comes from MLflow's REST API."""
+    from rlvr import tracking
+
+    pages = {"Prefect flow runs": f"{prefect_url}/runs"}
+    if experiment is None:
+        pages["MLflow models"] = tracking.registry_url(mlflow_url)
+        return pages
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    request = urllib.request.Request(f"{mlflow_url}/api/2.0/mlflow/experiments/get-by-name?{query}")
+    if login is not None:
+        request.add_header("Authorization", "Basic " + b64encode(":".join(login).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            experiment_id = json.load(response)["experiment"]["experiment_id"]
+        pages["MLflow runs"] = tracking.runs_table_url(mlflow_url, experiment_id)
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        pass  # no stage has run yet (404), or the server is busy: the registry link still works
+    pages["MLflow models"] = tracking.registry_url(mlflow_url)
+    return pages
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -705,6 +732,31 @@ def _service_healthy(root: Path, service: Service) -> bool:
     if service.name == "postgres":
         return postgres.ready(root, service.port)
     return _healthy(service.health)
+
+
+def sweep_zombies(root: Path) -> list[str]:
+    """What `rlvr services status` does besides reporting: close the runs of stage processes that are gone
+    (flows/sweep.py), in the stores the environment points at (the CLI points it at the running servers):
+    MLflow runs KILLED, Prefect flow runs Crashed. Without PREFECT_API_URL the flow runs wait for the next
+    stage (its temporary server reads the same database); a recorded MLflow server that does not run, or a
+    local MLflow store that does not exist yet, is left alone. Returns a line per run closed or side skipped."""
+    from flows import sweep
+    from rlvr import config, tracking
+
+    params = config.load(str(root / "params.yaml"))
+    lines = []
+    prefect = sweep.prefect_server_known()
+    if not prefect:
+        lines.append("Prefect flow runs not swept: no Prefect server runs (the next stage run sweeps them)")
+    uri = tracking.tracking_uri(params)
+    mlflow = True
+    if not os.environ.get("MLFLOW_TRACKING_URI") and "mlflow" in read_state(root) and "mlflow" not in running(root):
+        mlflow, why = False, "the recorded MLflow server does not run"
+    elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        mlflow, why = False, f"no MLflow store yet at {uri}"
+    if not mlflow:
+        lines.append(f"MLflow runs not swept: {why}")
+    return sweep.sweep(params, prefect=prefect, mlflow=mlflow) + lines
 
 
 def status(root: Path) -> dict[str, dict]:

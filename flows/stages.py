@@ -6,13 +6,21 @@ dvc.yaml plots its outputs feed as PNG artifacts, and leaves a Prefect table art
 Logic lives in `stages/` and `rlvr/`; this module is wiring.
 Retries are deliberately absent here: a stage failure is a bug or bad input, not a flaky call.
 
+The two records point at each other. The flow run gets a link artifact `<stage>-mlflow-run`, made as
+soon as the MLflow run exists (a killed stage has it too): the run's page in the MLflow UI when
+MLFLOW_TRACKING_URI is a tracking server (`rlvr services up`), else a note with the run id and how to
+open the local store. The MLflow run gets tags `prefect.flow_run_id` and, when a Prefect server with a
+UI runs (not the temporary one), `prefect.flow_run_url`. Long stages log progress lines (step, rate,
+ETA, loss/reward) that Prefect shows in the flow run's logs (rlvr/progress.py).
+
 A stage process leaves nothing behind when it is stopped:
 - without PREFECT_API_URL, Prefect's temporary server is started first and dies with the process,
   even on SIGKILL (flows/temporary_server.py);
 - Ctrl-C and SIGTERM end the flow run Crashed (Prefect turns SIGTERM into an exception) and the MLflow
   run KILLED (rlvr/tracking.py);
-- a SIGKILL ends nothing, so the next run of the same stage marks the runs it left RUNNING as KILLED
-  (MLflow) and Crashed (Prefect): each MLflow run carries its process and its flow run id.
+- a SIGKILL ends nothing, so the next stage run (any stage) or `rlvr services status` marks the runs it
+  left open as KILLED (MLflow) and Crashed (Prefect, with its task runs): both records carry the
+  process that ran them (flows/sweep.py).
 
 With `launch.processes x launch.machines > 1`, the flows of score, rollout, train and evaluate run
 the stage as a multi-process job (flows/launch.py) inside the same task, MLflow run and artifacts;
@@ -35,7 +43,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 
-from flows import LOGGERS, launch
+from flows import LOGGERS, launch, sweep
 from rlvr import config, plots, tracking
 from rlvr.errors import RlvrError, log_file, one_line, write_traceback
 from rlvr.io import write_json
@@ -43,29 +51,12 @@ from stages import evaluate, prepare, rollout, score, train, warmup
 from stages import filter as filter_stage
 
 
-FLOW_RUN_TAG = "prefect.flow_run_id"
+FLOW_RUN_TAG = sweep.FLOW_RUN_TAG
+FLOW_RUN_URL_TAG = sweep.FLOW_RUN_URL_TAG
 
 
 def _artifact_key(stage: str) -> str:
     return f"{stage}-metrics"
-
-
-def crash_flow_run(flow_run_id: str | None, reason: str) -> None:
-    """Mark a flow run that a killed stage left Running as Crashed (its own process cannot any more).
-    A run unknown to this Prefect server (recorded by another one) is left alone."""
-    from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Crashed
-
-    if not flow_run_id:
-        return
-    with get_client(sync_client=True) as client:
-        try:
-            state = client.read_flow_run(flow_run_id).state
-        except ObjectNotFound:
-            return
-        if state is not None and not state.is_final():
-            client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
 
 
 def log_plots(stage: str) -> None:
@@ -79,10 +70,11 @@ def log_plots(stage: str) -> None:
 
 
 def run_stage(stage: str, main: Callable[[config.Params], dict], params_file: str) -> dict:
+    sweep.label_flow_run(flow_run.id)
     params = task(config.load, name="load-params")(params_file)
-    for orphan, reason in tracking.close_orphaned_runs(stage, params):
-        crash_flow_run(orphan.data.tags.get(FLOW_RUN_TAG), reason)
-    with tracking.stage_run(stage, params, tags={FLOW_RUN_TAG: str(flow_run.id)}) as run:
+    sweep.sweep(params)
+    with tracking.stage_run(stage, params, tags=sweep.flow_run_tags()) as run:
+        sweep.link_mlflow_run(stage, run, params)
         if params.launch.distributed and stage in launch.STAGES:
             metrics = task(launch.run_job, name=stage)(params, stage, params_file, run.info.run_id)
         else:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr.config import Prompt
+from rlvr.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def sample_transformers(
     else:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     own_bar = progress is None
-    bar = tqdm(total=len(flat), desc=desc, unit="seq", disable=None) if own_bar else progress
+    bar = ProgressBar(total=len(flat), desc=desc, unit="seq", disable=None) if own_bar else progress
     try:
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]

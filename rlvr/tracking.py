@@ -11,10 +11,10 @@ of the repository, and DVC then points `DVC_ROOT` at the original project, where
 
 A run ends FINISHED, FAILED (an exception) or KILLED (an interrupt: Ctrl-C, or the SIGTERM Prefect
 turns into an exception). A SIGKILL ends nothing, so each run is tagged with its process (host, pid
-and the process's start time, which tells a reused pid apart), and the next run of the same stage
-marks earlier RUNNING runs whose process is gone as KILLED. What is not covered: runs from another
-host (their processes cannot be checked from here; they stay RUNNING) and runs without those tags
-(from older versions, or where /proc is missing).
+and the process's start time, which tells a reused pid apart), and the next stage run (of any stage)
+or `rlvr services status` marks RUNNING runs whose process is gone as KILLED (flows/sweep.py). What is
+not covered: runs from another host (their processes cannot be checked from here; they stay RUNNING)
+and runs without those tags (from older versions, or where /proc is missing).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import subprocess
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 DATA_PREFIXES = ("data/", "models/")
 PARENT_RUN_ENV = "RLVR_PARENT_RUN_ID"
 PROCESS_TAGS = ("process.host", "process.pid", "process.start")
+# MLflow 3's UI opens an experiment in its GenAI (traces) view unless the experiment says otherwise
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 GONE_TAG = "process.gone"  # set on a run marked KILLED because its process was gone
 
 
@@ -116,7 +119,8 @@ def _stage_params(params: Params, sections: list[str]) -> dict[str, str]:
 
 
 def ensure_experiment(params: Params) -> str:
-    """Create the project's experiment (artifacts under mlruns/) if needed, make it current, return its id."""
+    """Create the project's experiment (artifacts under mlruns/) if needed, make it current, return its id.
+    It is marked as model training, so MLflow 3's UI opens it on its runs table rather than on GenAI traces."""
     import mlflow
 
     from mlflow.exceptions import MlflowException
@@ -129,7 +133,33 @@ def ensure_experiment(params: Params) -> str:
         except MlflowException as error:  # a concurrent stage (another `dvc exp run`) created it first
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-    return mlflow.set_experiment(params.tracking.experiment).experiment_id
+    current = mlflow.set_experiment(params.tracking.experiment)
+    if current.tags.get(EXPERIMENT_KIND_TAG) is None:  # the user's own choice of view, if any, stays
+        mlflow.MlflowClient().set_experiment_tag(current.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return current.experiment_id
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI's page of a run when `uri` is a tracking server (it serves the UI), else None."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+# MLflow 3's UI opens an experiment (and its model registry) in the GenAI view unless the page asks for
+# the model-training one; the URLs the project prints ask for it.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def runs_table_url(uri: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment, in the model-training view."""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+
+def registry_url(uri: str, model: str | None = None) -> str:
+    """The MLflow UI's model registry (or one registered model's page), in the model-training view."""
+    page = "models" if model is None else f"models/{urllib.parse.quote(model, safe='')}"
+    return f"{uri.rstrip('/')}/#/{page}?{TRAINING_VIEW}"
 
 
 def process_start(pid: int) -> str | None:
@@ -155,7 +185,7 @@ def process_tags() -> dict[str, str]:
     return dict(zip(PROCESS_TAGS, (socket.gethostname(), str(os.getpid()), start)))
 
 
-def _process_gone(tags: dict[str, str]) -> bool:
+def process_gone(tags: dict[str, str]) -> bool:
     """True only when the tagged process provably no longer runs: same host, and that pid is now
     absent or a different process. Untagged runs and other hosts' runs count as alive."""
     host, pid, start = (tags.get(key) for key in PROCESS_TAGS)
@@ -164,23 +194,23 @@ def _process_gone(tags: dict[str, str]) -> bool:
     return process_start(int(pid)) != start
 
 
-def close_orphaned_runs(stage: str, params: Params) -> list[tuple[object, str]]:
-    """Mark this stage's RUNNING runs whose process is gone (killed by SIGKILL, or the machine went
-    down) as KILLED; returns (run, reason) for each. Runs of live processes, e.g. a concurrent
-    `dvc exp run`, are left alone. Call it before `stage_run`."""
+def close_orphaned_runs(stage: str | None, params: Params) -> list[tuple[object, str]]:
+    """Mark the RUNNING runs of `stage` (None: of every stage) whose process is gone (killed by SIGKILL,
+    or the machine went down) as KILLED; returns (run, reason) for each. Runs of live processes, e.g. a
+    concurrent `dvc exp run`, are left alone. Call it before `stage_run`."""
     import mlflow
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri(params))
     client = MlflowClient()
-    running = client.search_runs([ensure_experiment(params)],
-                                 filter_string=f"tags.`dvc.stage` = '{stage}' and attributes.status = 'RUNNING'")
+    only = f"tags.`dvc.stage` = '{stage}' and " if stage else ""
+    running = client.search_runs([ensure_experiment(params)], filter_string=f"{only}attributes.status = 'RUNNING'")
     closed = []
     for run in running:
         tags = run.data.tags
-        if _process_gone(tags):
-            reason = (f"process {tags['process.pid']} on {tags['process.host']} was gone when the next "
-                      f"{stage} run started (pid {os.getpid()})")
+        if process_gone(tags):
+            reason = (f"process {tags['process.pid']} on {tags['process.host']} was gone when pid {os.getpid()} "
+                      f"looked (a {tags.get('dvc.stage', 'stage')} run killed, e.g. by SIGKILL)")
             client.set_tag(run.info.run_id, GONE_TAG, reason)
             client.set_terminated(run.info.run_id, status="KILLED")
             log.warning("MLflow run %s marked KILLED: %s", run.info.run_id, reason)

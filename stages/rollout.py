@@ -53,6 +53,7 @@ from rlvr.config import Params
 from rlvr.generation import SamplingSettings, render, sample_transformers
 from rlvr.grading import Grader
 from rlvr.io import atomic_dir, dvc_md5, file_md5, read_parquet, remove_orphans, write_json, write_parquet
+from rlvr.progress import ProgressBar
 from rlvr.tracking import project_root
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,8 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, cache
     mine = ranks.share(range(len(missing)))
     sampled_part: dict[int, pd.DataFrame] = {}
     sampled_seconds = 0.0
-    with tqdm(total=sum(len(prompts[missing[u]]) for u in mine) * r.n_samples, desc="rollout", unit="sample",
-              disable=None) as bar:
+    with ProgressBar(total=sum(len(prompts[missing[u]]) for u in mine) * r.n_samples, desc="rollout",
+                     unit="sample", disable=None) as bar:
         for unit in mine:
             index = missing[unit]
             settings = SamplingSettings(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,

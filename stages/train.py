@@ -56,6 +56,7 @@ from rlvr.grading import Grader
 from rlvr.grpo import (GainRLSchedule, MlflowStepMetrics, ProcessValueReward, ProfInLoop, RewardFunction,
                        RLVRGRPOTrainer)
 from rlvr.io import dvc_md5, read_parquet, write_json, write_text
+from rlvr.progress import TrainerProgress
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
             args=grpo_config(params, str(checkpoints)),
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[MlflowStepMetrics()],
+            callbacks=[MlflowStepMetrics(), TrainerProgress("train")],
             order=params.train.order,
             ordering=ordering,
             gain_rl_schedule=gain_rl_schedule(params, ordering) if params.train.order == "gain_rl" else None,

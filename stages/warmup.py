@@ -27,6 +27,7 @@ from rlvr import models
 from rlvr.config import Params
 from rlvr.generation import messages
 from rlvr.io import read_parquet, write_json
+from rlvr.progress import TrainerProgress
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def run(params: Params, train_path: Path = TRAIN, output: Path = OUTPUT) -> dict
     model, tokenizer = initial_model(params)
     with tempfile.TemporaryDirectory(prefix="warmup-") as scratch:
         trainer = SFTTrainer(model=model, args=sft_config(params, scratch), train_dataset=dataset,
-                             processing_class=tokenizer)
+                             processing_class=tokenizer, callbacks=[TrainerProgress("warmup")])
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start

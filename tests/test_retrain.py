@@ -179,15 +179,27 @@ def service_pages(prefect: str, mlflow: str, stage, decision: str, model: str,
     """Page -> (URL, texts it must show) for a stage's MLflow run `stage`, the retrain decision artifact
     (its id) and a registered model version. MLflow 3 opens an experiment in its GenAI view unless the
     URL asks for `workflowType=machine_learning`."""
+    from flows.services import ui_pages
+    from rlvr.tracking import registry_url
+
     experiment, flow_run = stage.info.experiment_id, stage.data.tags["prefect.flow_run_id"]
+    # the pages `rlvr services up` prints (the experiment by name, as it looks it up) and the retrain's link
+    printed = ui_pages(prefect, mlflow, mlflow_experiment_name(mlflow, experiment))
+    assert printed["MLflow runs"] == f"{mlflow}/#/experiments/{experiment}/runs?workflowType=machine_learning"
     return {
         "prefect-stage-run": (f"{prefect}/runs/flow-run/{flow_run}", [stage.data.tags["dvc.stage"], "Completed"]),
         "prefect-retrain-decisions": (f"{prefect}/artifacts/key/retrain-decision", ["retrain-decision", "Flow run"]),
         "prefect-retrain-decision": (f"{prefect}/artifacts/artifact/{decision}", ["retrain-decision", "Retrain:"]),
-        "mlflow-runs": (f"{mlflow}/#/experiments/{experiment}/runs?workflowType=machine_learning",
-                        ["Model registry", "retrain", "matching run"]),
-        "mlflow-model": (f"{mlflow}/#/models/{model}?workflowType=machine_learning", [model, f"Version {version}"]),
+        "mlflow-runs": (printed["MLflow runs"], ["Model registry", "retrain", "matching run"]),
+        "mlflow-registry": (printed["MLflow models"], ["Registered Models", model]),
+        "mlflow-model": (registry_url(mlflow, model), [model, f"Version {version}"]),
     }
+
+
+def mlflow_experiment_name(mlflow: str, experiment_id: str) -> str:
+    import mlflow as mlflow_client
+
+    return mlflow_client.MlflowClient(mlflow).get_experiment(experiment_id).name
 
 
 # Errors the UIs log whatever the data: MLflow's UI asks for the signed-in user, an endpoint only its

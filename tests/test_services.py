@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -277,6 +279,22 @@ def test_the_next_run_closes_runs_whose_process_is_gone_and_only_those(store):
                       "untagged": "RUNNING"}
     assert "was gone" in client.get_run(runs["killed"]).data.tags[tracking.GONE_TAG]
     assert client.get_run(other_stage).info.status == "RUNNING"
+
+    # what every stage and `rlvr services status` run: all stages at once (a killed train, closed by evaluate)
+    assert [run.info.run_id for run, _ in tracking.close_orphaned_runs(None, params)] == [other_stage]
+    assert client.get_run(other_stage).info.status == "KILLED"
+    assert client.get_run(runs["alive"]).info.status == "RUNNING"
+
+
+def test_services_status_sweeps_mlflow_runs_and_says_when_prefect_has_no_server(store, tmp_path):
+    client, experiment, params = store
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params_dict(), sort_keys=False))
+    gone = client.create_run(experiment, tags={"dvc.stage": "evaluate", **tracking.process_tags(),
+                                               "process.pid": _dead_pid()}).info.run_id
+    lines = services.sweep_zombies(tmp_path)  # no PREFECT_API_URL in the tests' environment
+    assert client.get_run(gone).info.status == "KILLED"
+    assert any(line.startswith(f"MLflow run {gone} (evaluate) KILLED") for line in lines), lines
+    assert any("Prefect flow runs not swept: no Prefect server runs" in line for line in lines), lines
 
 
 @pytest.mark.parametrize(("error", "status"), [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
@@ -562,6 +580,114 @@ def test_a_stage_still_records_to_both_servers_with_credentials(servers):
 
     report = services.status(project)
     assert all(report[name]["is_server"] and report[name]["healthy"] and report[name]["auth"] for name in running)
+
+    # the two records lead to each other: a link artifact on the flow run, the flow run's page on the MLflow run
+    run = runs[0]
+    mlflow_page = f"{running['mlflow'].url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    # Prefect stores a link artifact as markdown, `[text](url)`, which its UI renders as a link
+    assert _artifacts(running["prefect"].url, flow_run_id)["prepare-mlflow-run"] == (
+        "markdown", f"[MLflow run {run.info.run_id} (prepare)]({mlflow_page})")
+    assert run.data.tags["prefect.flow_run_url"] == f"{running['prefect'].url}/runs/flow-run/{flow_run_id}"
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{running['mlflow'].url}/api/2.0/mlflow/experiments/get?experiment_id={run.info.experiment_id}",
+            headers=_basic(USER, PASSWORD)), timeout=30) as response:
+        tags = {t["key"]: t["value"] for t in json.loads(response.read())["experiment"].get("tags", [])}
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"  # MLflow 3 opens the runs table
+
+
+def _prefect(prefect_url: str, path: str, body: dict | None = None) -> dict | list:
+    """A Prefect API call with the test's login (GET without a body, POST with one and a CSRF token, as
+    Prefect's own client sends it: the server refuses POSTs without one)."""
+    headers = {"Content-Type": "application/json", **_basic(USER, PASSWORD)}
+    if body is not None:
+        client = str(uuid.uuid4())
+        with urllib.request.urlopen(urllib.request.Request(f"{prefect_url}/api/csrf-token?client={client}",
+                                                           headers=headers), timeout=30) as response:
+            headers.update({"Prefect-Csrf-Token": json.loads(response.read())["token"], "Prefect-Csrf-Client": client})
+    request = urllib.request.Request(f"{prefect_url}/api/{path}", method="POST" if body is not None else "GET",
+                                     data=json.dumps(body).encode() if body is not None else None, headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _artifacts(prefect_url: str, flow_run_id: str) -> dict[str, tuple[str, str]]:
+    found = _prefect(prefect_url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    return {a["key"]: (a["type"], a["data"]) for a in found}
+
+
+def _flow_run_logs(prefect_url: str, flow_run_id: str) -> list[str]:
+    found = _prefect(prefect_url, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+    return [entry["message"] for entry in found]
+
+
+def _stage_runs(project: Path, stage: str) -> list[tuple[str, str, str | None]]:
+    """(run id, status, Prefect flow run id) of the stage's MLflow runs, oldest first, read from SQLite."""
+    with sqlite3.connect(f"file:{project / 'mlruns' / 'mlflow.db'}?mode=ro", uri=True, timeout=5) as con:
+        return con.execute(
+            "SELECT r.run_uuid, r.status, (SELECT value FROM tags f WHERE f.run_uuid = r.run_uuid AND "
+            "f.key = 'prefect.flow_run_id') FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'dvc.stage' AND t.value = ? ORDER BY r.start_time", (stage,)).fetchall()
+
+
+@pytest.mark.slow
+def test_a_killed_stage_is_crashed_by_services_status_after_its_progress_reached_prefect(servers):
+    """SIGKILL `python -m flows warmup` once its progress lines are in the flow run's logs; then
+    `rlvr services status` ends the flow run (and its task runs) Crashed and the MLflow run KILLED."""
+    from mlflow import MlflowClient
+
+    project, running = servers
+    prefect_url = running["prefect"].url
+    env = _stage_env({**services.environment(project), "RLVR_PROGRESS_SECONDS": "0",  # a line per step
+                      services.USER_ENV: USER, services.PASSWORD_ENV: PASSWORD})
+    if not (project / "data/prepared/train.parquet").exists():  # when run alone
+        assert _start_stage(project, env).wait(timeout=900) == 0
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["warmup"]["max_steps"] = 100000  # runs until it is killed
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stage = subprocess.Popen([sys.executable, "-m", "flows", "warmup"], cwd=project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, lines, run = time.monotonic() + 600, [], None
+        while not lines:
+            assert stage.poll() is None, f"warmup ended before it was killed:\n{stage.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no progress line reached the flow run's logs"
+            time.sleep(1)
+            open_runs = [r for r in _stage_runs(project, "warmup") if r[1] == "RUNNING" and r[2]]
+            if open_runs:
+                run = open_runs[-1]
+                lines = [m for m in _flow_run_logs(prefect_url, run[2]) if m.startswith("warmup: step ")]
+        os.kill(stage.pid, signal.SIGKILL)
+        stage.wait(timeout=60)
+    finally:
+        stage.kill()
+        (project / "params.yaml").write_text(original)
+    run_id, _, flow_run_id = run
+    assert re.match(r"warmup: step \d+/100000 \(\d+%\)", lines[0]), lines[0]
+    assert _prefect(prefect_url, f"flow_runs/{flow_run_id}")["state"]["type"] == "RUNNING"  # left open by the kill
+    link = _artifacts(prefect_url, flow_run_id)["warmup-mlflow-run"][1]  # made before the kill
+    assert f"]({running['mlflow'].url}/#/experiments/" in link and link.endswith(f"/runs/{run_id})"), link
+
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "services", "status"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    print(f"rlvr services status with the sweep: {time.monotonic() - started:.1f} s")
+    flow = _prefect(prefect_url, f"flow_runs/{flow_run_id}")
+    assert flow["state"]["type"] == "CRASHED" and str(stage.pid) in flow["state"]["message"], flow["state"]
+    assert flow["labels"]["process.pid"] == str(stage.pid)
+    tasks = _prefect(prefect_url, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    assert tasks and all(t["state"]["type"] in ("COMPLETED", "CRASHED") for t in tasks), [t["state"] for t in tasks]
+    assert any(t["state"]["type"] == "CRASHED" for t in tasks)  # the warmup task itself
+    assert f"Prefect flow run {flow_run_id} Crashed" in out.stdout and f"MLflow run {run_id}" in out.stdout
+
+    os.environ.update({"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD})
+    try:
+        killed = MlflowClient(running["mlflow"].url).get_run(run_id)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME")
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD")
+    assert killed.info.status == "KILLED" and str(stage.pid) in killed.data.tags[tracking.GONE_TAG]
 
 
 @pytest.mark.slow
