@@ -308,7 +308,10 @@ def test_the_stage_flow_launches_a_job_only_for_launched_stages_with_several_pro
     calls = []
     run = types.SimpleNamespace(info=types.SimpleNamespace(run_id="run-1"))
     monkeypatch.setattr(flow_stages, "task", lambda fn, name=None: fn)
-    monkeypatch.setattr(flow_stages.tracking, "close_orphaned_runs", lambda stage, params: [])
+    monkeypatch.setattr(flow_stages.sweep, "label_flow_run", lambda flow_run_id: None)
+    monkeypatch.setattr(flow_stages.sweep, "sweep", lambda params: [])
+    monkeypatch.setattr(flow_stages.sweep, "flow_run_tags", lambda: {})
+    monkeypatch.setattr(flow_stages.sweep, "link_mlflow_run", lambda stage, run, params: None)
     monkeypatch.setattr(flow_stages.tracking, "stage_run", lambda *a, **k: contextlib.nullcontext(run))
     monkeypatch.setattr(flow_stages.tracking, "log_metrics", lambda metrics: calls.append(("logged", metrics)))
     monkeypatch.setattr(flow_stages, "log_plots", lambda stage: None)
