@@ -19,6 +19,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from flows import configure_environment, info_logging
 from rlvr import config
@@ -67,7 +68,13 @@ def quiet_expected_errors() -> Iterator[ExpectedErrorFilter]:
             handler.removeFilter(quiet)
 
 
-def run(stage: str, params_file: str, parser: argparse.ArgumentParser) -> int:
+def run(stage: str, params_file: str, parser: argparse.ArgumentParser, worker_result: str | None = None) -> int:
+    if worker_result is not None:  # one rank of a launched stage (flows/launch.py): no Prefect, no new MLflow run
+        from flows.stages import MAINS, run_worker
+
+        if stage not in MAINS:
+            parser.error(f"unknown stage {stage!r}; choose from {', '.join(MAINS)}")
+        return run_worker(stage, params_file, Path(worker_result))
     if stage == CHECK:
         config.check(params_file)
         print(f"rlvr check: {params_file} is valid and every input path it names exists")
@@ -92,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", help=f"a stage of dvc.yaml (`dvc stage list`), or {CHECK}: validate params "
                                       "and input paths only")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    # set by flows/launch.py for each rank of a multi-process stage: where rank 0 writes the metrics
+    parser.add_argument("--worker-result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        return run(args.stage, args.params, parser)
+        return run(args.stage, args.params, parser, args.worker_result)
     except RlvrError as error:
         if debug_enabled():
             raise

@@ -1,6 +1,7 @@
 """`rlvr`: the project's command line (run it from the project root, where dvc.yaml is).
 
-  rlvr services up|down|status   local Prefect and MLflow servers on 127.0.0.1 (MLflow on SQLite or PostgreSQL)
+  rlvr services up|down|status   local Prefect and MLflow servers on 127.0.0.1 (MLflow on SQLite or PostgreSQL);
+                                 up --vllm: also the vLLM server of train.vllm_mode: server
   rlvr doctor                    check this machine: Python, packages, PostgreSQL, ports, DVC remote, GPU, vLLM
   rlvr remote add URL            make URL (a folder, s3://, gs://, ssh://...) the project's default DVC remote
   rlvr check                     validate params.yaml and the input paths it names (runs nothing)
@@ -10,6 +11,7 @@
   rlvr lineage [--version N]     a registered version's chain back to the source files
   rlvr grid --name G -S k=a,b    queue and run a grid of DVC experiments (variants x seeds)
   rlvr compare --grid G --baseline k=a   seed-aware comparison report of a grid (markdown, PNG, MLflow)
+  rlvr recipe NAME --dry-run|--exp|--apply   a configs/recipes/ preset: show it, run it as a DVC experiment, or apply it
 """
 
 from __future__ import annotations
@@ -41,9 +43,35 @@ def _use_services(root: Path) -> dict[str, str]:
     return env
 
 
+def _wants_vllm_server(root: Path) -> bool:
+    """Whether params.yaml trains with a vLLM server (False when it does not load: `up` needs no params)."""
+    try:
+        train = config.load(root / "params.yaml").train
+    except config.ConfigError:
+        return False
+    return train.use_vllm and train.vllm_mode == "server"
+
+
+def _services_params(root: Path, recipe_name: str | None) -> config.Params:
+    """params.yaml, or params.yaml with a recipe applied (as `rlvr recipe NAME --exp` will run it)."""
+    if not recipe_name:
+        return config.load(root / "params.yaml")
+    from flows import recipe
+
+    data, _ = recipe.resolve(recipe.load(recipe_name, root), root / "params.yaml")
+    return config.from_dict(data)
+
+
 def cmd_services(args) -> int:
     root = _root()
     if args.action == "up":
+        vllm_plan = None
+        if args.recipe and not args.vllm:
+            raise SystemExit("rlvr services: --recipe names the params of the vLLM server; use it with --vllm")
+        if args.vllm:
+            params = _services_params(root, args.recipe)
+            # checked before anything starts: a missing vLLM or a wrong mode is one line, not half the servers
+            vllm_plan = services.plan_vllm(root, params, args.vllm_gpus, args.vllm_tensor_parallel)
         running = services.up(root, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, auth=args.auth,
                               backend=args.backend or services.default_backend(), postgres_port=args.postgres_port,
                               artifacts=args.artifacts)
@@ -67,6 +95,14 @@ def cmd_services(args) -> int:
             print(f"export PREFECT_API_AUTH_STRING={user}:{password} MLFLOW_TRACKING_USERNAME={user} "
                   f"MLFLOW_TRACKING_PASSWORD={password}")
         print("(rlvr run / retrain / schedule / lineage pick these up by themselves)")
+        if vllm_plan:
+            print(f"\nstarting the vLLM server for {vllm_plan[0]} (log {services.LOGS / 'vllm.log'}; loading can take "
+                  "minutes) ...", flush=True)
+            vllm = services.start_vllm(root, params, args.vllm_gpus, args.vllm_tensor_parallel)
+            print(f"{vllm.name:8} {vllm.url}  (pid {vllm.pid}, model {vllm.model}, {vllm.backend}, log {vllm.log})")
+        elif _wants_vllm_server(root) and "vllm" not in services.running(root):
+            print("\nparams.yaml has train.vllm_mode: server; `rlvr services up --vllm --vllm-gpus IDS` starts that "
+                  "vLLM server")
     elif args.action == "down":
         outcome = services.down(root)
         for name, text in outcome.items():
@@ -82,6 +118,7 @@ def cmd_services(args) -> int:
             print(f"{name:8} {health:13} {entry['url']}  pid {entry['pid']}  backend {entry['backend']}"
                   + (f"  artifacts {entry['artifacts']}" if "artifacts" in entry else "")
                   + (f"  pool {entry['pool']}" if "pool" in entry else "")
+                  + (f"  model {entry['model']}" if "model" in entry else "")
                   + (f"\n         {entry['problem']}" if "problem" in entry else ""))
         if not report:
             print(f"no servers recorded in {services.STATE}: `rlvr services up` starts them")
@@ -261,12 +298,34 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_recipe(args) -> int:
+    root = _root()
+    from flows import recipe
+
+    if args.queue and not args.exp:
+        raise SystemExit("rlvr recipe: --queue goes with --exp")
+    chosen = recipe.load(args.name, root)
+    params_file = root / "params.yaml"
+    if args.dry_run:
+        print(recipe.dry_run(chosen, params_file, root))
+        return 0
+    if args.apply:
+        changes = recipe.apply(chosen, params_file)
+        print(f"rlvr recipe {chosen.name}: {len(changes)} keys changed in params.yaml "
+              f"({', '.join(k for k, _, _ in changes) or 'none'}); `git diff params.yaml` shows them")
+        return 0
+    recipe.resolve(chosen, params_file)  # a broken recipe fails here, before DVC copies the workspace
+    config.check("params.yaml", root)
+    _use_services(root)
+    return recipe.run_experiment(chosen, root, queue=args.queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlvr", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("services", help="start, stop or show the local Prefect and MLflow servers")
+    p = sub.add_parser("services", help="start, stop or show the local Prefect and MLflow servers (and vLLM)")
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--prefect-port", type=int, default=4200)
     p.add_argument("--mlflow-port", type=int, default=5000)
@@ -280,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", help=f"up, postgres: where MLflow stores the artifacts it serves, a folder or a URI "
                                        f"(default ${services.ARTIFACTS_ENV}, else {services.SERVED_ARTIFACTS})")
     p.add_argument("--json", action="store_true", help="status: print the report as JSON")
+    p.add_argument("--vllm", action="store_true",
+                   help="up: also start the vLLM server of train.vllm_mode: server (what `trl vllm-serve` runs), "
+                        "serving the model train starts from, at train.vllm_server_host:vllm_server_port")
+    p.add_argument("--vllm-gpus", metavar="IDS",
+                   help="up --vllm: the server's CUDA_VISIBLE_DEVICES, e.g. 6,7 (data parallel over them); give "
+                        "training the other GPUs")
+    p.add_argument("--vllm-tensor-parallel", type=int, default=1, metavar="N",
+                   help="up --vllm: GPUs per model replica (default 1)")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="up --vllm: take model and server params from params.yaml with this configs/recipes/ preset "
+                        "applied (for `rlvr recipe NAME --exp`, which leaves params.yaml as it is)")
     p.set_defaults(func=cmd_services)
     p = sub.add_parser("doctor", help="check this machine for the pipeline; exit 1 if something it needs is missing")
     p.add_argument("--prefect-port", type=int, default=4200)
@@ -330,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-eval", help="the warm-up's evaluation (an evaluate-stage parquet: id, correct) for "
                    "experiments run with evaluate.baseline=false")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("recipe", help="a preset for a real model and launch layout (configs/recipes/NAME.yaml)")
+    p.add_argument("name", help="the recipe: a file name in configs/recipes/ without .yaml")
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--dry-run", action="store_true",
+                        help="print the params it changes and the exact command each stage would run")
+    action.add_argument("--exp", action="store_true", help="run it as a DVC experiment named recipe-NAME")
+    action.add_argument("--apply", action="store_true", help="write its overrides into params.yaml (comments kept)")
+    p.add_argument("--queue", action="store_true", help="with --exp: only queue it (then `dvc queue start`)")
+    p.set_defaults(func=cmd_recipe)
     return parser
 
 

@@ -29,6 +29,14 @@ The worker. `rlvr schedule` (flows/schedule.py) adds a third kind of recorded se
 check server on 127.0.0.1. `down` stops it first (its process group holds the flow runs it started),
 `status` shows its pool and health.
 
+The vLLM server. `train.vllm_mode: server` makes TRL's GRPO trainer generate on a separate vLLM server at
+train.vllm_server_host:vllm_server_port. `up --vllm` (`start_vllm`) starts it as the recorded service
+`vllm`: exactly the process `trl vllm-serve --model M --host H --port P --dtype D ...` runs (TRL's own
+command builder, which execs vLLM's OpenAI server with TRL's weight-transfer options), serving the model
+the train stage starts from (models/warmup, or model.name when the warm-up is a pass-through), on
+127.0.0.1 only, on the GPUs given with --vllm-gpus (training must be given the others). Health: its
+/health endpoint, the one TRL's client polls. `down` stops it with the others.
+
 Lightweight settings: Prefect's analytics, trigger and event-logger services are off (nothing here
 uses automations); the scheduler (cron deployments), the foreman (marks workers that stopped
 heartbeating offline) and the repossessor (frees the deployment concurrency slot of a run whose lease
@@ -99,6 +107,7 @@ class Service:
     backend: str = ""  # MLflow: its store (no password); PostgreSQL: its data folder
     artifacts: str = ""  # MLflow: where artifacts go
     pool: str = ""  # worker: the work pool it polls (its backend is the Prefect API it polls)
+    model: str = ""  # vllm: the model it serves (a local folder or a hub id)
 
 
 def credentials() -> tuple[str, str]:
@@ -380,7 +389,7 @@ def up(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout_s:
     external = _external_uri() if backend == "postgres" else ""
     services = running(root)
     for service in services.values():
-        if service.name != "postgres" and service.auth != auth:
+        if service.name not in ("postgres", "vllm") and service.auth != auth:
             raise ServiceError(f"{service.name} already runs {'with' if service.auth else 'without'} --auth; "
                                "run `rlvr services down` first")
     (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
@@ -514,6 +523,117 @@ def _worker_online(pool: str, name: str) -> bool:
 
     with get_client(sync_client=True) as client:
         return any(w.name == name and w.status.value == "ONLINE" for w in client.read_workers_for_work_pool(pool))
+
+
+VLLM_HOSTS = ("127.0.0.1", "localhost")  # the services bind to this machine only
+VLLM_TIMEOUT_S = 1200.0  # a 7B model loads, profiles memory and captures CUDA graphs in several minutes
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def served_model(root: Path, params) -> str:
+    """The model the train stage starts from, as vLLM loads it: models/warmup when the warm-up trains
+    (its output must exist), else model.name (what the warm-up passes through); a local folder as an
+    absolute path (pass-through references followed), a hub id as it is."""
+    from rlvr import models
+    from stages.train import MODEL  # the train stage's starting model, models/warmup
+
+    if params.warmup.enabled:
+        target = Path(models.resolve(root / MODEL))
+        if not (target / "config.json").is_file():
+            raise ServiceError(f"train starts from {MODEL}, which holds no model yet (warmup.enabled: true): "
+                               f"run `dvc repro warmup` first, then `rlvr services up --vllm`")
+        return str(target.resolve())
+    local = root / params.model.name  # an absolute model.name stays as it is
+    if not local.exists():
+        return params.model.name  # a hub id
+    target = Path(models.resolve(local))
+    return str(target.resolve()) if target.exists() else str(target)
+
+
+def vllm_command(params, model: str, tensor_parallel: int = 1, data_parallel: int = 1) -> list[str]:
+    """The process `trl vllm-serve --model MODEL --host H --port P --dtype D ...` runs (TRL's own command
+    builder: vLLM's OpenAI server with the weight-transfer options TRL's GRPO trainer needs), with host and
+    port from train.vllm_server_host/port and the dtype from model.dtype."""
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+    from rlvr import models
+
+    dtype = str(models.torch_dtype(params.model.dtype)).removeprefix("torch.")
+    args = ScriptArguments(model=model, host=params.train.vllm_server_host, port=params.train.vllm_server_port,
+                           dtype=dtype, tensor_parallel_size=tensor_parallel, data_parallel_size=data_parallel,
+                           trust_remote_code=params.model.trust_remote_code)
+    return build_command(args)
+
+
+def plan_vllm(root: Path, params, gpus: str | None = None, tensor_parallel: int = 1) -> tuple[str, list[str], dict]:
+    """Check what `start_vllm` needs (params in server mode, a local host, the GPUs, vLLM installed, the
+    model) and return the model, the command and its extra environment; each problem is one ServiceError."""
+    t = params.train
+    if not (t.use_vllm and t.vllm_mode == "server"):
+        raise ServiceError(f"--vllm starts the server of train.vllm_mode: server, but params.yaml has "
+                           f"train.use_vllm: {str(t.use_vllm).lower()}, train.vllm_mode: {t.vllm_mode}; set "
+                           "train.use_vllm: true and train.vllm_mode: server (or apply a *-vllm-server recipe)")
+    if t.vllm_server_host not in VLLM_HOSTS:
+        raise ServiceError(f"params.yaml train.vllm_server_host is {t.vllm_server_host!r}: `rlvr services` starts "
+                           f"servers on this machine, bound to {HOST} only; for a server elsewhere run "
+                           "`trl vllm-serve` there, or set train.vllm_server_host: 127.0.0.1")
+    if tensor_parallel < 1:
+        raise ServiceError(f"--vllm-tensor-parallel must be at least 1, not {tensor_parallel}")
+    devices = [d.strip() for d in gpus.split(",") if d.strip()] if gpus else []
+    if len(devices) % tensor_parallel:
+        raise ServiceError(f"--vllm-gpus names {len(devices)} GPUs, not a multiple of --vllm-tensor-parallel "
+                           f"{tensor_parallel}")
+    if not _vllm_installed():
+        raise ServiceError("`rlvr services up --vllm` needs vLLM, which is not installed here: install the GPU "
+                           "set, pip install -c requirements/gpu.txt -e '.[gpu,dev]'")
+    model = served_model(root.resolve(), params)
+    command = vllm_command(params, model, tensor_parallel, max(len(devices) // tensor_parallel, 1))
+    # what `trl vllm-serve` sets before it execs the same command: the weight-transfer endpoints need it
+    env = {"VLLM_SERVER_DEV_MODE": "1", **({"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else {})}
+    return model, command, env
+
+
+def start_vllm(root: Path, params, gpus: str | None = None, tensor_parallel: int = 1,
+               timeout_s: float = VLLM_TIMEOUT_S) -> Service:
+    """Start the vLLM server `train.vllm_mode: server` uses, as the recorded service `vllm` (or return the
+    one already serving the same model on the same port), and wait until its /health answers.
+
+    `gpus` ("6,7") becomes the server's CUDA_VISIBLE_DEVICES, data parallel over them in groups of
+    `tensor_parallel`; without it the server sees what this process sees and uses `tensor_parallel` GPUs.
+    The record is written before the wait, so `down` can stop a server that never became ready."""
+    root = root.resolve()
+    model, command, env = plan_vllm(root, params, gpus, tensor_parallel)
+    host, port = params.train.vllm_server_host, params.train.vllm_server_port
+    current = running(root).get("vllm")
+    if current is not None:
+        if current.model != model or current.port != port:
+            raise ServiceError(f"a vLLM server already runs for {current.model} on port {current.port} (pid "
+                               f"{current.pid}), not {model} on {port}; `rlvr services down` stops it")
+        return current
+    if _port_in_use(port):
+        raise ServiceError(f"{HOST}:{port} (train.vllm_server_port) is already in use; stop what listens there "
+                           "or choose another port in params.yaml")
+    pid, start, log = _spawn(root, "vllm", command, env)
+    url = f"http://{host}:{port}"
+    devices = env.get("CUDA_VISIBLE_DEVICES", "")
+    service = Service(name="vllm", pid=pid, port=port, url=url, health=url + "/health", log=log, command=command,
+                      start=start, backend=f"CUDA_VISIBLE_DEVICES={devices}" if devices else "the GPUs it sees",
+                      model=model)
+    _write_state(root, {**read_state(root), "vllm": service})
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(service.health):
+        if not _is_server(service):
+            raise ServiceError(f"the vLLM server exited during start-up; see {log}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"the vLLM server did not answer {service.health} in {timeout_s:.0f} s; see {log} "
+                               "(`rlvr services down` stops it)")
+        time.sleep(1.0)
+    return service
 
 
 def _signal_group(service: Service, signum: int) -> bool:
@@ -653,6 +773,8 @@ def status(root: Path) -> dict[str, dict]:
             report[name]["artifacts"] = s.artifacts
         if s.pool:
             report[name]["pool"] = s.pool
+        if s.model:
+            report[name]["model"] = s.model
         if why:
             report[name]["problem"] = why
     return report

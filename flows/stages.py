@@ -22,12 +22,19 @@ A stage process leaves nothing behind when it is stopped:
   left open as KILLED (MLflow) and Crashed (Prefect, with its task runs): both records carry the
   process that ran them (flows/sweep.py).
 
+With `launch.processes x launch.machines > 1`, the flows of score, rollout, train and evaluate run
+the stage as a multi-process job (flows/launch.py) inside the same task, MLflow run and artifacts;
+each rank runs `run_worker`.
+
 Run one stage by hand:  python -m flows prepare   (dvc repro runs the same command)
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -36,8 +43,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 
-from flows import sweep
+from flows import LOGGERS, launch, sweep
 from rlvr import config, plots, tracking
+from rlvr.errors import RlvrError, log_file, one_line, write_traceback
+from rlvr.io import write_json
 from stages import evaluate, prepare, rollout, score, train, warmup
 from stages import filter as filter_stage
 
@@ -66,7 +75,10 @@ def run_stage(stage: str, main: Callable[[config.Params], dict], params_file: st
     sweep.sweep(params)
     with tracking.stage_run(stage, params, tags=sweep.flow_run_tags()) as run:
         sweep.link_mlflow_run(stage, run, params)
-        metrics = task(main, name=stage)(params)
+        if params.launch.distributed and stage in launch.STAGES:
+            metrics = task(launch.run_job, name=stage)(params, stage, params_file, run.info.run_id)
+        else:
+            metrics = task(main, name=stage)(params)
         tracking.log_metrics(metrics)
         log_plots(stage)
     rows = [{"metric": k, "value": v} for k, v in tracking.flatten_metrics(metrics).items()]
@@ -96,6 +108,44 @@ def run_in_process(prefect_flow: Callable[..., dict], params_file: str = "params
 
 
 # In DAG order; the names are the DVC stage names, the Prefect flow names and the MLflow run names.
-FLOWS = {name: partial(run_in_process, stage_flow(name, module.main)) for name, module in (
-    ("prepare", prepare), ("warmup", warmup), ("score", score), ("rollout", rollout),
-    ("filter", filter_stage), ("train", train), ("evaluate", evaluate))}
+MAINS = {"prepare": prepare.main, "warmup": warmup.main, "score": score.main, "rollout": rollout.main,
+         "filter": filter_stage.main, "train": train.main, "evaluate": evaluate.main}
+FLOWS = {name: partial(run_in_process, stage_flow(name, main)) for name, main in MAINS.items()}
+
+
+@contextlib.contextmanager
+def stage_run_of_job(params: config.Params, rank: int) -> Iterator[None]:
+    """Rank 0 of a launched job logs into the stage's MLflow run (the flow's, resumed here): what a stage
+    logs while it runs (GRPO's step metrics) lands where it does in-process. MLflow marks the run
+    FINISHED or FAILED when the rank leaves it; the flow then logs the metrics and ends the run again,
+    so the run's final state is the flow's."""
+    run_id = os.environ.get(launch.RUN_ID_ENV)
+    if rank != 0 or not run_id:
+        yield
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(params))
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+def run_worker(stage: str, params_file: str, result: Path) -> int:
+    """One rank of a launched stage (`python -m flows STAGE --worker-result R`, flows/launch.py): the stage's
+    main; rank 0 writes its metrics to `result`. An expected error is one marked line (the launching flow
+    reports it as the stage's error) and its traceback goes to logs/<stage>.rank<N>.log."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for name in LOGGERS.split(","):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        params = config.load(params_file)
+        with stage_run_of_job(params, rank):
+            metrics = MAINS[stage](params)
+    except RlvrError as error:
+        write_traceback(log_file(f"{stage}.rank{rank}"), stage, error)
+        print(f"{launch.EXPECTED_MARK}{one_line(error)}", flush=True)
+        return 1
+    if rank == 0:
+        write_json(result, metrics)
+    return 0

@@ -43,6 +43,17 @@ TRAIN_REWARDS = ("accuracy", "blend")
 # What GAIN-RL samples once mu has reached the end of the ranking (rlvr/gain_rl.py reads this tuple).
 GAIN_RL_AT_END = ("stay", "uniform")
 EVAL_BACKENDS = ("auto", "transformers", "vllm")
+# model.dtype: the weights' dtype in every stage that loads the policy (and vLLM's). auto: bf16 on a
+# GPU that supports it, else fp32 (rlvr/models.py resolves it). fp16 is left out: training fp16
+# weights fails in the gradient scaler, and bf16 covers every GPU vLLM's recipes target.
+MODEL_DTYPES = ("auto", "bf16", "fp32")
+# train.vllm_mode: TRL's GRPOConfig.vllm_mode values (colocate: an engine inside each training process;
+# server: `trl vllm-serve` on other GPUs, reached at vllm_server_host:vllm_server_port).
+VLLM_MODES = ("colocate", "server")
+# launch.mixed_precision: accelerate's values plus auto (bf16 on a GPU that supports it, else no).
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+# What an accelerate config file may be (accelerate's loader reads .json as JSON, anything else as YAML).
+ACCELERATE_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # Where a source's gold answer comes from: its answer field as it is, or the last \boxed{} in it
 # (for sources that ship only a worked solution). rlvr/data.py reads this tuple.
 ANSWER_FROM = ("field", "last_boxed")
@@ -89,6 +100,10 @@ def _top_p(key: str, value: float) -> None:
 def _one_of(key: str, value: str, allowed: typing.Iterable[str]) -> None:
     allowed = list(allowed)
     _require(value in allowed, key, value, f"use one of {allowed}")
+
+
+def _port(key: str, value: int) -> None:
+    _require(1 <= value <= 65535, key, value, "use a TCP port in [1, 65535]")
 
 
 def _optional(check, key: str, value, *args) -> None:
@@ -139,11 +154,14 @@ class Model:
     # model folder or a hub name (which needs network access or a populated cache).
     name: str
     builtin: BuiltinModel
+    # auto: bf16 on a GPU that supports it, else fp32; bf16 or fp32 force one (rlvr.models.torch_dtype).
+    dtype: str
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model.name", self.name,
                  f"use {BUILTIN_MODEL}, a model folder or a hub name (org/name)")
+        _one_of("model.dtype", self.dtype, MODEL_DTYPES)
 
     @property
     def is_builtin(self) -> bool:
@@ -457,9 +475,18 @@ class Train:
     eval_set: str
     eval_n_samples: int
     eval_max_new_tokens: int
+    # With use_vllm: colocate (an engine in each training process) or server (`trl vllm-serve` at
+    # vllm_server_host:vllm_server_port, on GPUs the training processes do not use).
+    vllm_mode: str
+    vllm_server_host: str
+    vllm_server_port: int
 
     def __post_init__(self) -> None:
         _one_of("train.order", self.order, TRAIN_ORDERS)
+        _one_of("train.vllm_mode", self.vllm_mode, VLLM_MODES)
+        _require(bool(self.vllm_server_host.strip()), "train.vllm_server_host", self.vllm_server_host,
+                 "name the vLLM server's host, e.g. 127.0.0.1")
+        _port("train.vllm_server_port", self.vllm_server_port)
         _require(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"use an integer in [0, {MAX_SEED}]")
         _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "use 0 (no training) or more steps")
         _at_least("train.prompts_per_step", self.prompts_per_step, 1)
@@ -555,6 +582,45 @@ class Tracking:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """How score, rollout, train and evaluate run (flows/launch.py): in the stage's own process when
+    processes x machines is 1, else as a distributed job the stage's flow starts with torchrun
+    (accelerate_config null) or `accelerate launch --config_file accelerate_config`."""
+
+    processes: int              # per machine: usually its GPU count
+    machines: int
+    # Several machines: the host of machine 0 (the one running the pipeline); null = $MASTER_ADDR.
+    main_address: str | None
+    # Several machines: machine 0's rendezvous port. Null on one machine: a free port at launch.
+    main_port: int | None
+    accelerate_config: str | None  # an accelerate config file (configs/accelerate/*.yaml); null = torchrun
+    mixed_precision: str        # auto | no | bf16 | fp16: GRPOConfig's bf16/fp16 and accelerate's --mixed_precision
+
+    def __post_init__(self) -> None:
+        _at_least("launch.processes", self.processes, 1)
+        _at_least("launch.machines", self.machines, 1)
+        _optional(_port, "launch.main_port", self.main_port)
+        _require(self.main_address is None or bool(self.main_address.strip()), "launch.main_address",
+                 self.main_address, "name machine 0's host, or null to take it from $MASTER_ADDR")
+        _require(self.machines == 1 or self.main_port is not None, "launch.main_port", self.main_port,
+                 f"launch.machines = {self.machines} needs a fixed rendezvous port every machine knows, e.g. 29500")
+        if self.accelerate_config is not None:
+            _require(Path(self.accelerate_config).suffix in ACCELERATE_CONFIG_SUFFIXES, "launch.accelerate_config",
+                     self.accelerate_config, "name an accelerate config file (.yaml, .yml or .json), e.g. "
+                     "configs/accelerate/ddp.yaml, or null for torchrun")
+        _one_of("launch.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.machines
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the launched stages run as a multi-process job (else in-process, as with no launch section)."""
+        return self.world_size > 1
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     model: Model
@@ -571,6 +637,7 @@ class Params:
     evaluate: Evaluate
     tracking: Tracking
     retrain: Retrain
+    launch: Launch
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"use an integer in [0, {MAX_SEED}]")
@@ -592,6 +659,9 @@ class Params:
                        ("train.num_generations", self.train.num_generations)):
             _require(self.prof.remove is None or self.prof.remove < n, "prof.remove", self.prof.remove,
                      f"must be below {key} ({n}) so that every group keeps a rollout; or null for n // 2")
+        _require(self.launch.mixed_precision != "fp16" or self.model.dtype == "fp32", "launch.mixed_precision",
+                 self.launch.mixed_precision, f"fp16 mixed precision needs fp32 weights (model.dtype = "
+                 f"{self.model.dtype!r}); set model.dtype: fp32, or use bf16")
         _require(self.warmup.enabled or not self.model.is_builtin, "warmup.enabled", self.warmup.enabled,
                  "the builtin model starts untrained; keep warmup enabled or set model.name to a real model")
         if self.model.is_builtin:
@@ -660,12 +730,27 @@ def from_dict(data: dict) -> Params:
     return _build(Params, data, "")
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's exponent floats without a dot (`1e-06`). PyYAML reads YAML
+    1.1, where `1e-06` is a string; DVC writes floats that way (`dvc exp run -S train.learning_rate=1e-6`,
+    `rlvr recipe --apply`), and DVC itself reads them back as numbers."""
+
+
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> object:
+    """params.yaml text as Python data, numbers read as DVC reads them (see `_ParamsLoader`)."""
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from error
     try:
@@ -700,6 +785,10 @@ def check_paths(params: Params, root: str | Path = ".") -> None:
         _check_model_folder("model.name", params.model.name, base)
     if params.prm.name != ARITH_PRM:
         _check_model_folder("prm.name", params.prm.name, base)
+    if params.launch.accelerate_config is not None:
+        _require((base / Path(params.launch.accelerate_config).expanduser()).is_file(), "launch.accelerate_config",
+                 params.launch.accelerate_config, f"no such file under {base.resolve()}; name one of "
+                 "configs/accelerate/*.yaml or your own accelerate config")
 
 
 def check(path: str | Path = "params.yaml", root: str | Path = ".") -> Params:

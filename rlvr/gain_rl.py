@@ -48,7 +48,7 @@ parameters around the forward (DeepSpeed ZeRO-3) - use `stop_early=False` there.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -252,7 +252,10 @@ def score_prompts(
     w_intra: float = 1.0,
     w_inter: float = 1.0,
     progress: bool = False,
-) -> pd.DataFrame:
+    rank: int = 0,
+    world: int = 1,
+    gather: Callable[[dict], list[dict] | None] | None = None,
+) -> pd.DataFrame | None:
     """Rank questions by angle concentration with the current policy (prefill only, stopped early).
 
     Returns one row per id, sorted by `rank` (0 = first to train on), with columns id, c_intra,
@@ -264,6 +267,11 @@ def score_prompts(
     Sequences are batched in order of token length (less padding) and padded on
     `tokenizer.padding_side`; the ranking does not depend on the input order (scores may differ in
     the last float bits when a different order puts a row in a different batch).
+
+    Several processes (rlvr/sharding.py): every rank builds the same batches, rank `rank` of `world`
+    runs batches rank, rank + world, ...; `gather` sends its {row: (C_intra, C_inter)} to rank 0 and
+    returns every rank's there (None elsewhere). The batches do not depend on `world`, so neither do
+    the scores. Returns None on ranks other than 0.
     """
     if len(ids) != len(questions):
         raise ValueError(f"ids and questions differ in length: {len(ids)} vs {len(questions)}")
@@ -277,6 +285,10 @@ def score_prompts(
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before scoring")
     if w_intra == 0 and w_inter == 0:
         raise ValueError("w_intra and w_inter are both 0: the score would not rank anything")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside [0, world = {world})")
+    if world > 1 and gather is None:
+        raise ValueError("world > 1 needs `gather`: without it rank 0 would rank only its own batches")
 
     n_rows = len(ids)
     c_intra = np.full(n_rows, np.nan)
@@ -292,10 +304,11 @@ def score_prompts(
 
     by_length = sorted(encoded, key=lambda row: (len(encoded[row][0]), row))
     batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    mine: dict[int, tuple[float, float]] = {}
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="angles", disable=not progress):
+        for batch in tqdm(batches[rank::world], desc="angles", disable=not progress):
             padded = tokenizer.pad({"input_ids": [encoded[row][0] for row in batch]}, return_tensors="pt")
             attention_mask = padded["attention_mask"].bool()
             q_mask = torch.zeros_like(attention_mask)
@@ -307,10 +320,16 @@ def score_prompts(
                 q_mask[slot, first + q_start : first + q_end] = True
             hidden = mlp_inputs(model, padded["input_ids"], padded["attention_mask"], stop_early=True)
             intra, inter = angle_concentration(hidden, q_mask.to(hidden.device), p_mask.to(hidden.device))
-            c_intra[batch] = intra.cpu().double().numpy()
-            c_inter[batch] = inter.cpu().double().numpy()
+            for row, a, b in zip(batch, intra.cpu().double().tolist(), inter.cpu().double().tolist()):
+                mine[row] = (a, b)
     finally:
         model.train(was_training)
+    parts = [mine] if gather is None else gather(mine)
+    if parts is None:
+        return None
+    for part in parts:
+        for row, (a, b) in part.items():
+            c_intra[row], c_inter[row] = a, b
 
     score = np.zeros(n_rows)
     if w_intra != 0:

@@ -110,15 +110,31 @@ def sample_transformers(
     return out
 
 
-def sample_vllm(model_path: str, prompts: list[str], settings: SamplingSettings, trust_remote_code: bool) -> list[list[str]]:
-    """The same contract with vLLM's offline engine (GPU only; needs the `gpu` dependency set)."""
-    from vllm import LLM, SamplingParams
+# model.dtype (as rlvr.models.torch_dtype resolves it) -> vLLM's dtype name.
+VLLM_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
-    llm = LLM(model=model_path, seed=settings.seed, trust_remote_code=trust_remote_code)
+
+def vllm_engine(model_path: str, seed: int, trust_remote_code: bool, dtype: torch.dtype):
+    """vLLM's offline engine for one model (GPU only; needs the `gpu` dependency set). Building one
+    loads the weights and reserves most of the GPU's memory for its KV cache, so a stage builds one per
+    model and passes it to every `sample_vllm` call (every benchmark, every chunk)."""
+    from vllm import LLM
+
+    return LLM(model=model_path, seed=seed, trust_remote_code=trust_remote_code, dtype=VLLM_DTYPES[dtype])
+
+
+def vllm_sampling_params(settings: SamplingSettings):
+    """Our sampling settings as vLLM's SamplingParams; the per-request seed makes a call's samples
+    independent of what the engine sampled before."""
+    from vllm import SamplingParams
+
     if settings.greedy:
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=settings.max_new_tokens)
-    else:
-        params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
-                                top_k=-1, max_tokens=settings.max_new_tokens, seed=settings.seed)
-    results = llm.generate(prompts, params)
+        return SamplingParams(n=1, temperature=0.0, max_tokens=settings.max_new_tokens)
+    return SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p, top_k=-1,
+                          max_tokens=settings.max_new_tokens, seed=settings.seed)
+
+
+def sample_vllm(llm, prompts: list[str], settings: SamplingSettings) -> list[list[str]]:
+    """The same contract as `sample_transformers`, with an engine from `vllm_engine`."""
+    results = llm.generate(prompts, vllm_sampling_params(settings))
     return [[c.text for c in r.outputs] for r in results]

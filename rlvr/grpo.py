@@ -17,10 +17,16 @@ wherever it has one:
   step at which it first reaches N-1 is logged (`gain_rl/end_step`). ang costs no forward pass of
   its own: a hook on the last MLP takes the hidden states from the loss forward the step runs
   anyway (`compute_loss`), and mu moves right after it, before the next step draws its prompts.
+  With several processes acc and ang are gathered over all of them before the update, so every
+  process moves mu identically; after each update the processes compare their sampler states (mu,
+  counts, RNG; one small gather) and the step fails if they differ.
 - PROF (`prof_filter`): every group of rollouts is filtered after grading and before the loss:
   advantages are recomputed over the kept rollouts only (TRL's normalisation), dropped rollouts get
   advantage 0 and an all-zero completion mask (no loss, no gradient), and the loss normaliser
-  `num_items_in_batch` is recounted over what is kept.
+  `num_items_in_batch` is recounted over what is kept. With several processes each one scores only
+  its own rollouts with the PRM; step counts, values and rewards are gathered in process order, every
+  process takes the same decision over every group (a group may span two processes) and keeps its
+  slice of the advantages and masks.
 - Rewards are TRL reward functions: `RewardFunction` (the project's one grader: 1.0 / 0.0, None
   for an unparseable gold) and `ProcessValueReward` (the PRM's process value, for PROF's blend
   baseline). Both keep their latest local values, which is where PROF and GAIN-RL read the step's
@@ -140,24 +146,36 @@ class ProcessValueReward:
 
 
 class ProfInLoop:
-    """PROF applied to every group of a GRPO step: which rollouts to keep, and their advantages."""
+    """PROF applied to every group of a GRPO step: which rollouts to keep, and their advantages.
+
+    Two halves, so that with several processes each process scores only its own rollouts with the PRM
+    (`score`) and every process then decides on the same gathered values (`decide`): the decision is a
+    pure function of gathered numbers, hence identical on every process.
+    """
 
     def __init__(self, prm: prof.ProcessRewardModel, remove: int | None = None, min_steps: int = 2,
                  max_steps: int = 30):
         self.prm, self.remove, self.min_steps, self.max_steps = prm, remove, min_steps, max_steps
 
-    def decide(self, problems: list[str], completions: list[str], correct: list[bool],
-               num_generations: int) -> tuple[list[bool], list[float]]:
-        """Keep mask and process values for a batch laid out in groups of `num_generations`."""
-        if len(completions) % num_generations:
-            raise ValueError(f"{len(completions)} rollouts do not split into groups of {num_generations}")
+    def score(self, problems: list[str], completions: list[str]) -> tuple[list[int], list[float]]:
+        """Step counts and process values (NaN: no step scored) of these rollouts."""
         n_steps, _, values = prof.score_responses(self.prm, problems, completions, self.max_steps)
+        return n_steps, values
+
+    def decide(self, correct: list[bool], values: list[float], n_steps: list[int],
+               num_generations: int) -> list[bool]:
+        """Keep mask for a batch laid out in groups of `num_generations` (every process's rollouts)."""
+        if not len(correct) == len(values) == len(n_steps):
+            raise ValueError(f"PROF needs one grade, value and step count per rollout, got {len(correct)}, "
+                             f"{len(values)} and {len(n_steps)}")
+        if len(correct) % num_generations:
+            raise ValueError(f"{len(correct)} rollouts do not split into groups of {num_generations}")
         kept: list[bool] = []
-        for start in range(0, len(completions), num_generations):
+        for start in range(0, len(correct), num_generations):
             group = slice(start, start + num_generations)
             kept += prof.filter_group(correct[group], values[group], n_steps[group], k=self.remove,
                                       min_steps=self.min_steps, max_steps=self.max_steps).kept
-        return kept, values
+        return kept
 
 
 def kept_advantages(rewards: torch.Tensor, kept: torch.Tensor, num_generations: int,
@@ -417,10 +435,9 @@ class RLVRGRPOTrainer(GRPOTrainer):
         if training and self.order == "gain_rl":
             self._gain_rl_after_grading(output, _gathered(self.accuracy_reward))
         if training and self.prof_filter is not None:
-            rewards = torch.stack([_gathered(f) for f in self.reward_functions], dim=1)
-            completions = gather_object(list(self.accuracy_reward.latest_texts))
-            problems = gather_object([row["problem"] for row in inputs])
-            self._prof_step(output, problems, completions, rewards)
+            rewards = torch.stack([_local(f) for f in self.reward_functions], dim=1)
+            self._prof_step(output, [row["problem"] for row in inputs], list(self.accuracy_reward.latest_texts),
+                            rewards)
         return output
 
     # ---- curation -----------------------------------------------------------------------------
@@ -436,16 +453,28 @@ class RLVRGRPOTrainer(GRPOTrainer):
         indices = gain_rl.expand_for_trl(self.gain_rl_schedule.draw(k), self.args.num_generations, 1)
         rank, per_rank = self.accelerator.process_index, len(local_inputs)
         mine = indices[rank * per_rank : (rank + 1) * per_rank]
+        log.debug("GAIN-RL draw %d on process %d: rows %s; this process takes rollouts %d to %d",
+                  self.gain_rl_schedule.sampler.draws, rank, indices[:: self.args.num_generations],
+                  rank * per_rank, (rank + 1) * per_rank - 1)
         return [dict(self.prompt_rows[i]) for i in mine]
 
     def _prof_step(self, output: dict, problems: list[str], completions: list[str], rewards: torch.Tensor) -> None:
-        """PROF on this step's groups (gathered over processes); rewrites this process's part of `output`.
+        """PROF on this step's groups, gathered over processes; rewrites this process's part of `output`.
 
-        `rewards` has one row per rollout and one column per reward function, in `reward_functions` order.
+        `problems`, `completions` and `rewards` are this process's rollouts, in `output`'s order (`rewards`:
+        one column per reward function, in `reward_functions` order). Each process scores its own rollouts
+        with the PRM; step counts, values and rewards are gathered in process order (TRL's layout, in which
+        a group may span two processes), every process takes the same decision over all groups, and keeps
+        its own slice of the advantages and keep mask.
         """
+        n_steps, values = self.prof_filter.score(problems, completions)
+        rows = gather_object([(s, v, r) for s, v, r in zip(n_steps, values, rewards.tolist(), strict=True)])
+        n_steps = [row[0] for row in rows]
+        values = [row[1] for row in rows]
+        rewards = torch.tensor([row[2] for row in rows], dtype=torch.float32).view(len(rows), -1)
         accuracy = rewards[:, self.reward_functions.index(self.accuracy_reward)]
         correct = (accuracy >= 1.0).tolist()
-        kept, values = self.prof_filter.decide(problems, completions, correct, self.args.num_generations)
+        kept = self.prof_filter.decide(correct, values, n_steps, self.args.num_generations)
         weights = torch.tensor(self.args.reward_weights or [1.0] * len(self.reward_functions), dtype=torch.float32)
         total = (rewards * weights.unsqueeze(0)).nansum(dim=1)
         total[torch.isnan(rewards).all(dim=1)] = float("nan")
@@ -507,10 +536,38 @@ class RLVRGRPOTrainer(GRPOTrainer):
         ang = float(self.accelerator.gather(local).mean())
         schedule = self.gain_rl_schedule
         delta = schedule.update(acc, ang)
+        log.debug("GAIN-RL update %d on process %d: acc %r, ang %r, mu %r", schedule.sampler.updates,
+                  self.accelerator.process_index, acc, ang, schedule.sampler.mu)
+        if self.accelerator.num_processes > 1:
+            self._gain_rl_check_agreement()
         for name, value in (("mu", schedule.sampler.mu), ("delta", delta), ("acc", acc), ("ang", ang)):
             self._record(f"gain_rl/{name}", value)
         if schedule.end_step is not None and schedule.end_step == schedule.sampler.updates:
             self._record("gain_rl/end_step", schedule.end_step)  # logged once, at the step mu reaches N-1
+
+    def _gain_rl_check_agreement(self) -> None:
+        """Fail the step if the processes' GAIN-RL samplers differ (mu, draw and update counts, RNG state).
+
+        They cannot, as long as acc and ang are gathered over every process before the update and the
+        draws use the sampler's own seeded RNG: a difference would be a bug that silently trains each
+        process on other prompts. One small gather per step.
+        """
+        sampler = self.gain_rl_schedule.sampler
+        states = _same_on_every_process(sampler.state_dict())
+        if states is not None:
+            raise RuntimeError(f"GAIN-RL: the processes' samplers differ after update {sampler.updates}: mu "
+                               f"{[s['mu'] for s in states]}, draws {[s['draws'] for s in states]}")
+
+
+def _same_on_every_process(state: dict) -> list[dict] | None:
+    """None when `state` is the same on every process, else every process's state (in process order)."""
+    states = gather_object([json.dumps(state, sort_keys=True)])
+    return None if len(set(states)) == 1 else [json.loads(s) for s in states]
+
+
+def _local(reward: RewardFunction | ProcessValueReward) -> torch.Tensor:
+    """A reward function's latest values on this process (NaN where it gave None)."""
+    return torch.tensor([math.nan if r is None else float(r) for r in reward.latest], dtype=torch.float32)
 
 
 def _gathered(reward: RewardFunction | ProcessValueReward) -> torch.Tensor:

@@ -232,3 +232,33 @@ def load_policy(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+# model.dtype -> torch dtype; "auto" is resolved by `torch_dtype`.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """model.dtype as a torch dtype: auto is bf16 on a GPU that supports it, else fp32 (CPUs: fp32, as before)."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_available() else torch.float32
+    return DTYPES[name]
+
+
+def mixed_precision(name: str) -> str:
+    """launch.mixed_precision resolved: auto is bf16 on a GPU that supports it, else no."""
+    if name == "auto":
+        return "bf16" if bf16_available() else "no"
+    return name
+
+
+def checkpointing_off(config_class: type) -> dict[str, bool]:
+    """The keyword that turns activation checkpointing off in a TRL config (TRL turns it on by default).
+    transformers 5.24 (the CPU set) calls it activation_checkpointing and warns (FutureWarning) on the
+    old name; 5.17 (the GPU set, capped by vLLM) knows only gradient_checkpointing."""
+    fields = config_class.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": False}

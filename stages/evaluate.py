@@ -10,6 +10,11 @@ fixed subset of `evaluate.subset_size` problems (by a hash of the problem id) un
 With `evaluate.baseline` the warm-up model is evaluated with the same settings, and the paired
 difference of pass@1 (same problems; bootstrap over problems) says whether RL helped.
 
+Several processes (`launch.processes` > 1): the ranks split each benchmark's problems (runs that
+fill one generation batch, seeded by their position: `generate`), rank 0 gathers the samples,
+grades them and writes the outputs (rlvr/sharding.py). The samples, and so every metric, are the
+same whatever the number of processes.
+
 Inputs:  models/policy, models/warmup (baseline), data/prepared/eval/<name>.parquet
 Outputs: metrics/eval.json (per benchmark; the baseline under "warmup"), metrics/passk/<benchmark>.csv,
          data/evaluated/<model>/<name>.parquet (per-problem samples, correctness matrix, greedy result)
@@ -18,6 +23,9 @@ Run:     dvc repro evaluate   (or: python -m flows evaluate)
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import hashlib
 import logging
 import time
@@ -26,10 +34,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from rlvr import models, passk
+from rlvr import models, passk, sharding
 from rlvr.config import Params
-from rlvr.generation import SamplingSettings, choose_backend, render, sample_transformers, sample_vllm
+from rlvr.generation import (SamplingSettings, choose_backend, render, sample_transformers, sample_vllm,
+                             vllm_engine)
 from rlvr.grading import Grader, extract_boxed, grade_matrix
 from rlvr.io import atomic_dir, read_parquet, write_json
 
@@ -52,26 +62,78 @@ def fixed_subset(frame: pd.DataFrame, size: int | None) -> pd.DataFrame:
     return frame.loc[keys.sort_values(kind="stable").index[:size]].reset_index(drop=True)
 
 
-def generate(params: Params, model_dir: Path, prompts: list[str], settings: SamplingSettings, desc: str,
-             loaded: tuple) -> list[list[str]]:
-    backend = choose_backend(params.evaluate.backend)
-    if backend == "vllm":
-        return sample_vllm(models.resolve(model_dir), prompts, settings, params.model.trust_remote_code)
-    model, tokenizer = loaded
-    return sample_transformers(model, tokenizer, prompts, settings, params.evaluate.batch_size, desc=desc)
+def units(n_problems: int, n: int, batch_size: int) -> list[range]:
+    """The units of sampling work: runs of whole problems that fill one generation batch (batch_size // n
+    problems of n sequences each; one problem, in several batches, when n > batch_size)."""
+    size = max(1, batch_size // n)
+    return [range(first, min(first + size, n_problems)) for first in range(0, n_problems, size)]
 
 
-def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir: Path, loaded: tuple,
-                       grader: Grader) -> tuple[dict, pd.DataFrame]:
-    """Sample, grade and summarise one benchmark; `loaded` is the (model, tokenizer) of `model_dir`."""
+def generate(params: Params, prompts: list[str], settings: SamplingSettings, desc: str, loaded: tuple,
+             ranks: sharding.Ranks = sharding.ONE) -> list[list[str]] | None:
+    """Sample with `loaded` = (transformers model or vLLM engine, tokenizer), as `load_sampler` built it;
+    each rank samples its share of the `units`, and rank 0 gets every prompt's samples in order (None
+    on the other ranks).
+
+    Seeds, so that the samples do not depend on the number of processes: with transformers, a unit
+    is sampled on its own with seed `settings.seed` + the index of its first sequence in the flat list
+    (prompt-major, n per prompt): what one call over every prompt uses when batch_size is a multiple
+    of n (or n of batch_size), so one process samples what it did before units existed. With vLLM
+    every request carries `settings.seed` (vllm_sampling_params), whatever else is in the batch.
+    """
+    sampler, tokenizer = loaded
+    n = 1 if settings.greedy else settings.n
+    work = units(len(prompts), n, params.evaluate.batch_size)
+    mine = ranks.share(range(len(work)))
+    part: dict[int, list[list[str]]] = {}
+    if not isinstance(sampler, torch.nn.Module):
+        flat = [i for unit in mine for i in work[unit]]
+        samples = iter(sample_vllm(sampler, [prompts[i] for i in flat], settings)) if flat else iter(())
+        part = {unit: [next(samples) for _ in work[unit]] for unit in mine}
+    else:
+        with tqdm(total=sum(len(work[unit]) for unit in mine) * n, desc=desc, unit="seq", disable=None) as bar:
+            for unit in mine:
+                rows = work[unit]
+                seeded = dataclasses.replace(settings, seed=settings.seed + rows.start * n)
+                part[unit] = sample_transformers(sampler, tokenizer, [prompts[i] for i in rows], seeded,
+                                                 params.evaluate.batch_size, progress=bar)
+    parts = ranks.gather(part)
+    if parts is None:
+        return None
+    return [row for unit in sharding.merge(parts, len(work)) for row in unit]
+
+
+def load_sampler(params: Params, model_dir: Path) -> tuple:
+    """(sampler, tokenizer) for one model: a vLLM engine built once for every benchmark of the stage
+    (the transformers weights are never loaded then), or the transformers model on the GPU if there is one."""
+    dtype = models.torch_dtype(params.model.dtype)
+    if choose_backend(params.evaluate.backend) == "vllm":
+        source = models.local_or_hub(model_dir)
+        tokenizer = models.load_tokenizer(source, trust_remote_code=params.model.trust_remote_code)
+        return vllm_engine(source, params.seed, params.model.trust_remote_code, dtype), tokenizer
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code, dtype=dtype)
+    return (model.to("cuda") if torch.cuda.is_available() else model), tokenizer
+
+
+def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, loaded: tuple, grader: Grader | None,
+                       ranks: sharding.Ranks = sharding.ONE) -> tuple[dict, pd.DataFrame] | None:
+    """Sample, grade and summarise one benchmark; `loaded` is a model's (sampler, tokenizer) from `load_sampler`.
+    The ranks split the sampling; rank 0 grades and summarises (the other ranks get None and need no grader)."""
     e = params.evaluate
     tokenizer = loaded[1]
     prompts = [render(tokenizer, p, params.prompt) for p in frame["problem"]]
     golds = frame["answer"].tolist()
     settings = SamplingSettings(n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
                                 max_new_tokens=e.max_new_tokens, seed=params.seed)
-    start, timeouts_before = time.perf_counter(), grader.timeouts
-    samples = generate(params, model_dir, prompts, settings, f"evaluate {name}", loaded)
+    start = time.perf_counter()
+    samples = generate(params, prompts, settings, f"evaluate {name}", loaded, ranks)
+    greedy = None
+    if e.greedy:
+        greedy = generate(params, prompts, SamplingSettings(1, 1.0, 1.0, e.max_new_tokens, greedy=True,
+                                                            seed=params.seed), f"greedy {name}", loaded, ranks)
+    if not ranks.main:
+        return None
+    timeouts_before = grader.timeouts
     scores = grade_matrix(grader, samples, golds)
     unparseable = np.isnan(scores).any(axis=1)
     if unparseable.all():
@@ -85,9 +147,7 @@ def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, model_dir
     result["samples"] = samples
     result["correct"] = [list(map(bool, row >= 1.0)) for row in scores]
     result["n_correct"] = [int((row >= 1.0).sum()) for row in scores]
-    if e.greedy:
-        greedy = generate(params, model_dir, prompts, SamplingSettings(1, 1.0, 1.0, e.max_new_tokens, greedy=True,
-                                                                      seed=params.seed), f"greedy {name}", loaded)
+    if greedy is not None:
         greedy_scores = grade_matrix(grader, greedy, golds)[:, 0]
         metrics["greedy_accuracy"] = float(np.mean(greedy_scores[~unparseable] >= 1.0))
         result["greedy"] = [g[0] for g in greedy]
@@ -106,12 +166,13 @@ def paired_delta(policy: pd.DataFrame, baseline: pd.DataFrame, n_boot: int, seed
     return {"delta_pass_at_1": float(diff.mean()), "delta_pass_at_1_ci_low": low, "delta_pass_at_1_ci_high": high}
 
 
-def run(params: Params, model_dirs: dict[str, Path] | None = None,
-        eval_dir: Path = EVAL_DIR) -> tuple[dict, dict[str, pd.DataFrame]]:
+def run(params: Params, model_dirs: dict[str, Path] | None = None, eval_dir: Path = EVAL_DIR,
+        ranks: sharding.Ranks = sharding.ONE) -> tuple[dict, dict[str, pd.DataFrame]] | None:
     """Evaluate the policy (and the warm-up baseline when `evaluate.baseline`) on every benchmark.
 
     Returns metrics per benchmark (the policy's at the top level, the baseline's under "warmup",
-    plus the paired pass@1 difference) and the per-problem frames keyed "<model>/<benchmark>".
+    plus the paired pass@1 difference) and the per-problem frames keyed "<model>/<benchmark>";
+    None on ranks other than 0, which only sample their share.
     """
     if model_dirs is None:
         model_dirs = {"policy": MODEL}
@@ -123,19 +184,27 @@ def run(params: Params, model_dirs: dict[str, Path] | None = None,
         frames[name] = frame if name == BUILTIN_BENCHMARK else fixed_subset(frame, params.evaluate.subset_size)
     metrics: dict[str, dict] = {name: {} for name in frames}
     results: dict[str, pd.DataFrame] = {}
-    with Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) as grader:
+    grading = (Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) if ranks.main
+               else contextlib.nullcontext())
+    with grading as grader:
         for label, model_dir in model_dirs.items():
-            model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
-            if torch.cuda.is_available():
-                model = model.to("cuda")
+            loaded = load_sampler(params, model_dir)
             for name, frame in frames.items():
-                m, results[f"{label}/{name}"] = evaluate_benchmark(params, name, frame, model_dir, (model, tokenizer),
-                                                                   grader)
+                evaluated = evaluate_benchmark(params, name, frame, loaded, grader, ranks)
+                if evaluated is None:
+                    continue
+                m, results[f"{label}/{name}"] = evaluated
                 log.info("evaluate %s on %s: %s", label, name, {k: round(v, 4) for k, v in m.items()})
                 if label == "policy":
                     metrics[name].update(m)
                 else:
                     metrics[name][label] = m
+            del loaded  # the next model's engine or weights need the memory
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if not ranks.main:
+        return None
     if "policy" in model_dirs and "warmup" in model_dirs:
         for name in frames:
             metrics[name].update(paired_delta(results[f"policy/{name}"], results[f"warmup/{name}"],
@@ -180,7 +249,10 @@ def summary(metrics: dict) -> str:
 
 
 def main(params: Params) -> dict:
-    metrics, results = run(params)
+    evaluated = run(params, ranks=sharding.join())
+    if evaluated is None:  # not rank 0: its samples went to rank 0, which writes the outputs
+        return {}
+    metrics, results = evaluated
     write(results)
     with atomic_dir(PASSK) as tmp:
         for name, text in passk_curves(params, metrics).items():

@@ -18,6 +18,12 @@ old chunks; `rm -rf data/rollout_cache` clears it. Chunks are written as temp fi
 runs at once (two experiments) may both sample a chunk but only ever write whole, equal files: no
 lock is needed.
 
+Several processes (`launch.processes` > 1, rlvr/sharding.py): rank 0 reads the cache and names the
+missing chunks; the ranks sample them round robin, each writing its chunks to its cache as it goes,
+and send them to rank 0, which grades every sample and writes the outputs. A chunk's samples depend
+only on its key, so 1 and N processes give the same rollouts and pass rates (on a CPU, with the same
+number of threads per process: torchrun sets OMP_NUM_THREADS=1 per rank unless it is set).
+
 What is not covered: the device. A chunk sampled on a GPU is reused on a CPU (both are valid samples
 with the chunk's seed, but not bit-identical ones), and a hub model behind a pass-through folder is
 keyed by its name, not its weights.
@@ -42,7 +48,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from rlvr import generation, models
+from rlvr import generation, models, sharding
 from rlvr.config import Params
 from rlvr.generation import SamplingSettings, render, sample_transformers
 from rlvr.grading import Grader
@@ -119,45 +125,74 @@ def pass_rates(rollouts: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns="n_graded").astype({"n_samples": "int64", "n_correct": "int64"})
 
 
-def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN,
-        cache: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, cache: Path | None = None,
+        ranks: sharding.Ranks = sharding.ONE) -> tuple[pd.DataFrame, pd.DataFrame, dict] | None:
+    """Sample (the chunks not in the cache, split across `ranks`), grade and summarise; None on ranks other
+    than 0, which only sample their share of the chunks."""
     r = params.rollout
     cache = cache_dir() if cache is None else cache
     frame = read_parquet(train_path, required=("id", "problem", "answer"))
     if r.max_prompts is not None:
         frame = frame.iloc[: r.max_prompts].reset_index(drop=True)
-    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code,
+                                          dtype=models.torch_dtype(params.model.dtype))
     if torch.cuda.is_available():
         model = model.to("cuda")
     model_digest, sampler = dvc_md5(model_dir), sampler_identity()
     # the prompt params are in the key through the rendered prompts
     sampling = {"n": r.n_samples, "temperature": r.temperature, "top_p": r.top_p,
                 "max_new_tokens": r.max_new_tokens, "batch_size": r.batch_size, "seed": params.seed}
-    cache.mkdir(parents=True, exist_ok=True)
-    remove_orphans(cache)  # chunks being written by runs that were killed (a running one's are kept)
-    parts, reused, invalid = [], 0, 0
+    if model.dtype != torch.float32:  # fp32 keys stay as they were, so existing caches stay valid
+        sampling["dtype"] = str(model.dtype)
+    firsts = list(range(0, len(frame), r.chunk_size))
+    prompts = [[render(tokenizer, p, params.prompt) for p in frame["problem"].iloc[first : first + r.chunk_size]]
+               for first in firsts]
+    keys = [chunk_key(model_digest, sampling, sampler, chunk) for chunk in prompts]
     start = time.perf_counter()
-    sampled_seconds, sampled = 0.0, 0
-    with ProgressBar(total=len(frame) * r.n_samples, desc="rollout", unit="sample", disable=None) as bar:
-        for first in range(0, len(frame), r.chunk_size):
-            rows = frame.iloc[first : first + r.chunk_size]
-            prompts = [render(tokenizer, p, params.prompt) for p in rows["problem"]]
-            key = chunk_key(model_digest, sampling, sampler, prompts)
+    # rank 0 alone reads the cache and says which chunks are missing: with several machines the cache
+    # folders may differ, and rank 0's is the one the pipeline runs from
+    cached: dict[int, pd.DataFrame] = {}
+    invalid = 0
+    if ranks.main:
+        cache.mkdir(parents=True, exist_ok=True)
+        remove_orphans(cache)  # chunks being written by runs that were killed (a running one's are kept)
+        for index, key in enumerate(keys):
             path = cache / f"{key}.parquet"
-            chunk = read_chunk(path, len(rows), r.n_samples)
+            chunk = read_chunk(path, len(prompts[index]), r.n_samples)
             if chunk is not None:
-                reused += 1
-                bar.update(len(chunk))
+                cached[index] = chunk
             else:
                 invalid += int(path.is_file())
-                settings = SamplingSettings(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
-                                            max_new_tokens=r.max_new_tokens, seed=chunk_seed(key))
-                t0 = time.perf_counter()
-                chunk = sample_chunk(model, tokenizer, prompts, settings, r.batch_size, bar)
-                sampled_seconds += time.perf_counter() - t0
-                sampled += len(chunk)
-                write_parquet(path, chunk)
-            parts.append(chunk.assign(row=chunk["row"] + first))
+    missing = ranks.broadcast([index for index in range(len(keys)) if index not in cached])
+    mine = ranks.share(range(len(missing)))
+    sampled_part: dict[int, pd.DataFrame] = {}
+    sampled_seconds = 0.0
+    with ProgressBar(total=sum(len(prompts[missing[u]]) for u in mine) * r.n_samples, desc="rollout",
+                     unit="sample", disable=None) as bar:
+        for unit in mine:
+            index = missing[unit]
+            settings = SamplingSettings(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
+                                        max_new_tokens=r.max_new_tokens, seed=chunk_seed(keys[index]))
+            t0 = time.perf_counter()
+            chunk = sample_chunk(model, tokenizer, prompts[index], settings, r.batch_size, bar)
+            sampled_seconds += time.perf_counter() - t0
+            cache.mkdir(parents=True, exist_ok=True)
+            write_parquet(cache / f"{keys[index]}.parquet", chunk)  # kept even if another rank fails later
+            sampled_part[unit] = chunk
+    gathered = ranks.gather((sampled_part, sampled_seconds))
+    if gathered is None:
+        return None
+    for unit, chunk in enumerate(sharding.merge([part for part, _ in gathered], len(missing))):
+        index = missing[unit]
+        path = cache / f"{keys[index]}.parquet"
+        if not path.is_file():  # sampled on another machine, whose cache folder is not this one
+            write_parquet(path, chunk)
+        cached[index] = chunk
+    sampled = sum(len(cached[index]) for index in missing)
+    # throughput of the whole job: every rank's samples over the slowest rank's sampling time
+    sampled_seconds = max(seconds for _, seconds in gathered)
+    reused = len(keys) - len(missing)
+    parts = [cached[index].assign(row=cached[index]["row"] + first) for index, first in enumerate(firsts)]
     completions = pd.concat(parts, ignore_index=True)
     rollouts = frame[["id", "problem", "answer"]].iloc[completions["row"]].reset_index(drop=True)
     rollouts["sample"] = completions["sample"].to_numpy()
@@ -168,7 +203,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN,
         timeouts = grader.timeouts
     rollouts["reward"] = np.array([np.nan if x is None else x for x in rewards], dtype=np.float64)
     rates = pass_rates(rollouts)
-    n_chunks = -(-len(frame) // r.chunk_size)
+    n_chunks = len(keys)
     metrics = {
         "prompts": len(rates),
         "samples": len(rollouts),
@@ -189,7 +224,11 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN,
 
 
 def main(params: Params) -> dict:
-    rollouts, rates, metrics = run(params)
+    ranks = sharding.join()
+    result = run(params, ranks=ranks)
+    if result is None:  # not rank 0: its chunks went to rank 0, which writes the outputs
+        return {}
+    rollouts, rates, metrics = result
     with atomic_dir(OUTPUT) as tmp:
         rollouts.to_parquet(tmp / "rollouts.parquet", index=False)
         rates.to_parquet(tmp / "pass_rates.parquet", index=False)

@@ -15,6 +15,11 @@ and sampler RNG) and ends with the same policy as an uninterrupted run; checkpoi
 or inputs, or of a finished run, are discarded. docs/checkpoints.md has the details and the kill
 points tested.
 
+With several processes (`launch.processes`, flows/launch.py) every process trains on its share of each
+step's rollouts; the main process alone decides the resume point (and clears or prunes
+models/checkpoints), writes the policy and the metrics, and marks the run finished
+(docs/scaling.md, "Training on several processes").
+
 Every `train.eval_steps` steps (and at step 0 and the last step) the policy is evaluated on the
 prepared eval set `train.eval_set` (rlvr.heldout.HeldoutEval: sampled pass@1 and greedy accuracy,
 graded by the reward's grader, without disturbing training's randomness); the points go to MLflow
@@ -46,6 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from trl import GRPOConfig
 
@@ -73,9 +79,38 @@ HELDOUT_CURVE = Path("metrics/heldout_curve.csv")
 FINGERPRINT = "fingerprint.json"
 
 
+def process_state() -> PartialState:
+    """The processes training together (accelerate's shared state; 1 unless launched with torchrun or
+    accelerate launch). `cpu=True` without CUDA: accelerate forms a CPU (gloo) process group only when
+    told it runs on the CPU; without it every rank of a CPU job would think it is alone."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def world_size() -> int:
-    """How many processes train together (1 unless launched with torchrun / accelerate launch)."""
-    return PartialState().num_processes
+    """How many processes train together."""
+    return process_state().num_processes
+
+
+def on_main_process(fn, *args):
+    """`fn(*args)` on the main process only, its result handed to every process (None everywhere if it
+    returns None). The others wait for it: what it does to the file system is done when they go on."""
+    state = process_state()
+    result = [fn(*args) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    return result[0]
+
+
+def save_policy(model, tokenizer, output: Path) -> None:
+    """The policy, written once, by the main process, atomically (rlvr.models.save_model); the others wait.
+
+    Every process holds the full weights (DDP), so the main process's copy is the policy. (Sharded
+    engines, ZeRO-3 and FSDP, would need the weights gathered first: not covered.)
+    """
+    state = process_state()
+    if state.is_main_process:
+        models.save_model(model, tokenizer, output)
+    state.wait_for_everyone()
 
 
 def per_device_rollouts(prompts_per_step: int, num_generations: int, processes: int) -> int:
@@ -97,6 +132,7 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
     """
     t = params.train
     cuda = torch.cuda.is_available()
+    precision = models.mixed_precision(params.launch.mixed_precision)
     return GRPOConfig(
         output_dir=output_dir,
         max_steps=t.max_steps,
@@ -122,10 +158,13 @@ def grpo_config(params: Params, output_dir: str) -> GRPOConfig:
         seed=params.train.seed,
         data_seed=params.train.seed,
         use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=False,  # TRL turns it on by default; on a CPU it only costs time
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        **models.checkpointing_off(GRPOConfig),  # TRL turns it on by default; on a CPU it only costs time
         use_vllm=t.use_vllm,
-        vllm_mode="colocate",
+        vllm_mode=t.vllm_mode,
+        vllm_server_host=t.vllm_server_host,
+        vllm_server_port=t.vllm_server_port,
         remove_unused_columns=False,
         disable_tqdm=None,
     )
@@ -238,14 +277,16 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
     if eval_frame is not None and eval_frame.empty:
         raise ValueError(f"{eval_path}: no problems to evaluate on (train.eval_set = {params.train.eval_set!r})")
     angles = read_parquet(angles_path, required=("id", "rank", "question_length", "valid"))
-    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code)
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code,
+                                          dtype=models.torch_dtype(params.model.dtype))
     if params.train.max_steps == 0:
-        models.save_model(model, tokenizer, output)
+        save_policy(model, tokenizer, output)
         return {"steps": 0, "train_seconds": 0.0}, []
     dataset, ordering = dataset_and_ordering(params, frame, angles)
     inputs = [model_dir, train_path, angles_path] + ([prompts_path] if params.train.prompts == "band" else [])
     inputs += [eval_path] if eval_frame is not None else []
-    resume = resume_point(checkpoints, fingerprint(params, inputs))
+    # One process checks and clears the checkpoints folder; every process resumes from what it found.
+    resume = on_main_process(resume_point, checkpoints, fingerprint(params, inputs))
     t = params.train
     prm = prof.load_prm(params.prm) if t.prof or t.reward == "blend" else None
     with Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) as grader:
@@ -272,7 +313,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
-    models.save_model(trainer.model, tokenizer, output)
+    save_policy(trainer.model, tokenizer, output)
     # The trainer state's log history survives a resume (it is saved in every checkpoint).
     rows = [{"step": e["step"], **{k: v for k, v in e.items() if k != "step"}} for e in trainer.state.log_history
             if "step" in e]
@@ -315,7 +356,10 @@ def curve_csv(rows: list[dict]) -> str:
 
 
 def main(params: Params) -> dict:
+    """Train and write the outputs; with several processes every process trains and the main one writes."""
     metrics, rows = run(params)
+    if not process_state().is_main_process:
+        return metrics
     write_text(CURVE, curve_csv([r for r in rows if not heldout.is_point(r)]))
     write_text(HELDOUT_CURVE, heldout.curve_csv(heldout.curve_rows(rows)))
     write_json(METRICS, {k: v for k, v in metrics.items() if v is None or np.isfinite(v)})  # None: JSON null

@@ -71,7 +71,7 @@ def sft_config(params: Params, output_dir: str) -> SFTConfig:
         data_seed=params.seed,
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=False,  # TRL turns it on by default; on a CPU it only costs time
+        **models.checkpointing_off(SFTConfig),  # TRL turns it on by default; on a CPU it only costs time
         dataloader_num_workers=0,
         dataset_num_proc=None,
         disable_tqdm=None,

@@ -189,6 +189,20 @@ BAD = [
     ({"warmup.learning_rate": "2e-3"}, "warmup.learning_rate", "2e-3", r"expected a number"),
     ({"warmup.enabled": "yes"}, "warmup.enabled", "yes", r"expected true or false"),
     ({"grading.workers": 2.0}, "grading.workers", 2.0, r"expected an integer"),
+    # model.dtype, train.vllm_*, launch (issue 11)
+    ({"model.dtype": "fp16"}, "model.dtype", "fp16", r"use one of \['auto', 'bf16', 'fp32'\]"),
+    ({"train.vllm_mode": "remote"}, "train.vllm_mode", "remote", r"use one of \['colocate', 'server'\]"),
+    ({"train.vllm_server_host": " "}, "train.vllm_server_host", " ", r"name the vLLM server's host"),
+    ({"train.vllm_server_port": 0}, "train.vllm_server_port", 0, r"TCP port in \[1, 65535\]"),
+    ({"launch.processes": 0}, "launch.processes", 0, r"use a value >= 1"),
+    ({"launch.machines": 0}, "launch.machines", 0, r"use a value >= 1"),
+    ({"launch.main_port": 70000}, "launch.main_port", 70000, r"TCP port in \[1, 65535\]"),
+    ({"launch.machines": 2}, "launch.main_port", None, r"launch\.machines = 2 needs a fixed rendezvous port"),
+    ({"launch.main_address": ""}, "launch.main_address", "", r"or null to take it from \$MASTER_ADDR"),
+    ({"launch.accelerate_config": "configs/accelerate/ddp"}, "launch.accelerate_config", "configs/accelerate/ddp",
+     r"\.yaml, \.yml or \.json"),
+    ({"launch.mixed_precision": "fp8"}, "launch.mixed_precision", "fp8", r"use one of \['auto', 'no', 'bf16', 'fp16'\]"),
+    ({"launch.mixed_precision": "fp16"}, "launch.mixed_precision", "fp16", r"fp16 mixed precision needs fp32 weights"),
 ]
 
 

@@ -77,3 +77,33 @@ def test_missing_model_is_a_clear_error(small_params, in_tmp):
     prepare.main(small_params)
     with pytest.raises(models.ModelLoadError, match="does not exist"):
         evaluate.run(small_params, model_dirs={"policy": in_tmp / "models/nothing"})
+
+
+def test_vllm_backend_builds_one_engine_per_model_for_every_benchmark(small_params, in_tmp, monkeypatch):
+    """Stand-in engine (vLLM needs a GPU): one engine per model serves every benchmark, sampled and greedy,
+    and the transformers weights are never loaded next to it."""
+    prepare.main(small_params)
+    tokenizer = models.build_char_tokenizer()
+    for folder in ("models/policy", "models/warmup"):
+        models.save_model(models.build_tiny_qwen2(tokenizer, 32, 2, 4, 2, 64, 256, seed=0), tokenizer, folder)
+    built, calls = [], []
+
+    def fake_engine(source, seed, trust_remote_code, dtype):
+        built.append(source)
+        return f"engine:{source}"
+
+    def fake_sample(engine, prompts, settings):
+        calls.append((engine, len(prompts), settings.greedy))
+        n = 1 if settings.greedy else settings.n
+        return [["\\boxed{0}"] * n for _ in prompts]
+
+    monkeypatch.setattr(evaluate, "choose_backend", lambda requested: "vllm")
+    monkeypatch.setattr(evaluate, "vllm_engine", fake_engine)
+    monkeypatch.setattr(evaluate, "sample_vllm", fake_sample)
+    monkeypatch.setattr(models, "load_policy", lambda *a, **k: pytest.fail("transformers weights loaded with vLLM"))
+    metrics, _ = evaluate.run(small_params)
+    assert built == ["models/policy", "models/warmup"]
+    benchmarks = small_params.evaluate.benchmarks
+    assert [engine for engine, _, _ in calls] == (["engine:models/policy"] * 2 * len(benchmarks)
+                                                 + ["engine:models/warmup"] * 2 * len(benchmarks))
+    assert set(metrics) == set(benchmarks)

@@ -67,13 +67,14 @@ def test_angle_scores_on_cuda_match_cpu():
 
 def test_vllm_sampling_follows_the_sampling_contract(tmp_path):
     pytest.importorskip("vllm")
-    from rlvr.generation import sample_vllm
+    from rlvr.generation import sample_vllm, vllm_engine
 
     model, tokenizer = _tiny(seed=2)
     models.save_model(model, tokenizer, tmp_path / "tiny")
     prompt = config.from_dict(small_params_dict()).prompt
     prompts = [render(tokenizer, p, prompt) for p in PROBLEMS]
     settings = SamplingSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False, seed=0)
-    out = sample_vllm(str(tmp_path / "tiny"), prompts, settings, trust_remote_code=False)
+    engine = vllm_engine(str(tmp_path / "tiny"), seed=0, trust_remote_code=False, dtype=torch.float32)
+    out = sample_vllm(engine, prompts, settings)
     assert [len(row) for row in out] == [3] * len(prompts)
     assert all(isinstance(text, str) for row in out for text in row)

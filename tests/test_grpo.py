@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rlvr import config, grpo, models
+from rlvr import config, gain_rl, grpo, models
 from rlvr.generation import messages
 from rlvr.grading import Grader
 from rlvr.grpo import RewardFunction, RLVRGRPOTrainer
@@ -111,7 +111,8 @@ def test_a_grpo_step_changes_every_trainable_parameter(tmp_path):
 
 def test_grpo_config_is_cpu_safe(small_params, tmp_path):
     cfg = train.grpo_config(small_params, str(tmp_path))
-    assert cfg.gradient_checkpointing is False and cfg.activation_checkpointing is False
+    # transformers 5.24 (CPU set) mirrors it into activation_checkpointing; 5.17 (GPU set) has only gradient_checkpointing
+    assert cfg.gradient_checkpointing is False and getattr(cfg, "activation_checkpointing", False) is False
     assert cfg.top_k == 0
     # exact resume: every step generates (no buffer across steps), TRL's sampler walks the prompt plan
     assert cfg.steps_per_generation == 1 and cfg.num_iterations == 1 and cfg.shuffle_dataset is False
@@ -232,3 +233,14 @@ def test_the_trainer_refuses_a_config_that_shuffles(tmp_path, small_params):
     cfg.shuffle_dataset = True
     with pytest.raises(ValueError, match="shuffle_dataset=False"):
         RLVRGRPOTrainer(model=None, reward_funcs=[_varied_reward], args=cfg, train_dataset=None)
+
+
+def test_gain_rl_samplers_that_differ_between_processes_are_found(monkeypatch):
+    # A stand-in for gather_object with 2 processes: this process's state, then the other's.
+    mine = gain_rl.GaussianSampler(n_items=10, sigma=2.0, mu0=0.0, seed=0)
+    same = gain_rl.GaussianSampler(n_items=10, sigma=2.0, mu0=0.0, seed=0)
+    monkeypatch.setattr(grpo, "gather_object", lambda objs: objs + [json.dumps(same.state_dict(), sort_keys=True)])
+    assert grpo._same_on_every_process(mine.state_dict()) is None
+    same.draw(3)  # same mu, but the other process drew once more: its RNG has moved on
+    found = grpo._same_on_every_process(mine.state_dict())
+    assert found is not None and [s["draws"] for s in found] == [0, 1]
