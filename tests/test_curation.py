@@ -151,7 +151,8 @@ def test_prof_adapter_keeps_exactly_what_prof_in_the_loop_keeps():
     # the trainer's path: correct = accuracy >= 1 over the flat gathered rewards (NaN is not correct)
     correct = (torch.tensor(rewards.reshape(-1)) >= 1.0).tolist()
     loop = grpo.ProfInLoop(prm, raw["remove"], raw["min_steps"], raw["max_steps"])
-    kept, _ = loop.decide(problems, completions, correct, size)
+    n_steps, values = loop.score(problems, completions)
+    kept = loop.decide(correct, values, n_steps, size)
     assert result.keep.reshape(-1).tolist() == kept
     # and group by group it is rlvr.prof's rule: k = n // 2 removed from every group
     assert result.keep.sum(axis=1).tolist() == [size - size // 2] * n_groups

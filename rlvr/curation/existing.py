@@ -173,8 +173,8 @@ class ProfFilter:
             raise ValueError(f"PROF needs the problem and completion of every rollout; the groups lack {missing}")
         flat_rewards = groups.rewards.reshape(-1)
         correct = [bool(r >= 1.0) for r in flat_rewards]  # NaN (no grade) counts as incorrect, as in the trainer
-        kept, values = self.prof_in_loop.decide(list(groups.info["problem"]), list(groups.info["completion"]),
-                                                correct, groups.group_size)
+        n_steps, values = self.prof_in_loop.score(list(groups.info["problem"]), list(groups.info["completion"]))
+        kept = self.prof_in_loop.decide(correct, values, n_steps, groups.group_size)
         keep = np.array(kept, dtype=bool)
         is_correct, value = np.array(correct, dtype=bool), np.array(values, dtype=np.float64)
         stats = {
