@@ -128,10 +128,12 @@ def check_roundtrip(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
         )
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> None:
-    """Save model and tokenizer atomically: `path` holds either the old or the new complete model."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike,
+               state_dict: dict | None = None) -> None:
+    """Save model and tokenizer atomically: `path` holds either the old or the new complete model.
+    `state_dict`: the weights to write when the model's own are sharded (gathered by the caller)."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
 

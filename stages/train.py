@@ -101,15 +101,19 @@ def on_main_process(fn, *args):
     return result[0]
 
 
-def save_policy(model, tokenizer, output: Path) -> None:
+def save_policy(model, tokenizer, output: Path, accelerator=None) -> None:
     """The policy, written once, by the main process, atomically (rlvr.models.save_model); the others wait.
 
-    Every process holds the full weights (DDP), so the main process's copy is the policy. (Sharded
-    engines, ZeRO-3 and FSDP, would need the weights gathered first: not covered.)
+    With a trainer's `accelerator`, every process first takes part in `accelerator.get_state_dict` of
+    the wrapped model, which gathers the full weights where an engine shards them (ZeRO-3 with
+    `stage3_gather_16bit_weights_on_model_save`, FSDP's full state dict) and is the plain state dict
+    under DDP or one process; the main process saves those weights.
     """
     state = process_state()
+    weights = accelerator.get_state_dict(model) if accelerator is not None else None
     if state.is_main_process:
-        models.save_model(model, tokenizer, output)
+        models.save_model(accelerator.unwrap_model(model) if accelerator is not None else model, tokenizer, output,
+                          state_dict=weights)
     state.wait_for_everyone()
 
 
@@ -313,7 +317,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
-    save_policy(trainer.model, tokenizer, output)
+    save_policy(trainer.model_wrapped, tokenizer, output, trainer.accelerator)
     # The trainer state's log history survives a resume (it is saved in every checkpoint).
     rows = [{"step": e["step"], **{k: v for k, v in e.items() if k != "step"}} for e in trainer.state.log_history
             if "step" in e]
