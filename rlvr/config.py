@@ -42,7 +42,7 @@ TRAIN_PROMPTS = ("all", "band")
 TRAIN_REWARDS = ("accuracy", "blend")
 # What GAIN-RL samples once mu has reached the end of the ranking (rlvr/gain_rl.py reads this tuple).
 GAIN_RL_AT_END = ("stay", "uniform")
-EVAL_BACKENDS = ("auto", "transformers", "vllm")
+EVAL_BACKENDS = ("auto", "transformers", "vllm")  # evaluate.backend and rollout.backend
 # model.dtype: the weights' dtype in every stage that loads the policy (and vLLM's). auto: bf16 on a
 # GPU that supports it, else fp32 (rlvr/models.py resolves it). fp16 is left out: training fp16
 # weights fails in the gradient scaler, and bf16 covers every GPU vLLM's recipes target.
@@ -379,8 +379,11 @@ class Rollout:
     batch_size: int
     # Prompts per cached chunk: a killed run redoes at most one chunk.
     chunk_size: int
+    # auto: vLLM when it is installed and a GPU is visible, else transformers.
+    backend: str
 
     def __post_init__(self) -> None:
+        _one_of("rollout.backend", self.backend, EVAL_BACKENDS)
         _at_least("rollout.n_samples", self.n_samples, 1)
         _require(self.max_prompts is None or self.max_prompts >= 1, "rollout.max_prompts", self.max_prompts,
                  "use a positive number or null for every training prompt")

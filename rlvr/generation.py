@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr.config import Prompt
+from rlvr.config import ConfigError, Prompt
 from rlvr.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,12 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-def choose_backend(requested: str) -> str:
+def choose_backend(requested: str, key: str = "evaluate.backend") -> str:
     if requested == "auto":
         return "vllm" if vllm_available() else "transformers"
     if requested == "vllm" and not vllm_available():
-        raise RuntimeError("evaluate.backend = 'vllm' but vLLM is not installed or no CUDA device is visible")
+        raise ConfigError(f"{key} = 'vllm' but vLLM is not installed or no CUDA device is visible: install the "
+                          "GPU set (pip install -c requirements/gpu.txt -e '.[gpu]') on a GPU machine, or use auto")
     return requested
 
 
@@ -112,6 +113,22 @@ def sample_transformers(
 
 # model.dtype (as rlvr.models.torch_dtype resolves it) -> vLLM's dtype name.
 VLLM_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def load_sampler(model_dir, backend: str, backend_key: str, seed: int, trust_remote_code: bool,
+                 dtype_name: str) -> tuple:
+    """(sampler, tokenizer) for a sampling stage: one vLLM engine for every call of the stage (the
+    transformers weights are never loaded then), or the transformers model, on the GPU if there is one.
+    `backend` is the stage's param (auto | transformers | vllm), named `backend_key` in errors."""
+    from rlvr import models
+
+    dtype = models.torch_dtype(dtype_name)
+    if choose_backend(backend, backend_key) == "vllm":
+        source = models.local_or_hub(model_dir)
+        tokenizer = models.load_tokenizer(source, trust_remote_code=trust_remote_code)
+        return vllm_engine(source, seed, trust_remote_code, dtype), tokenizer
+    model, tokenizer = models.load_policy(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+    return (model.to("cuda") if torch.cuda.is_available() else model), tokenizer
 
 
 def vllm_engine(model_path: str, seed: int, trust_remote_code: bool, dtype: torch.dtype):

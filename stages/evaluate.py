@@ -36,10 +36,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rlvr import models, passk, sharding
+from rlvr import generation, models, passk, sharding
 from rlvr.config import Params
-from rlvr.generation import (SamplingSettings, choose_backend, render, sample_transformers, sample_vllm,
-                             vllm_engine)
+from rlvr.generation import SamplingSettings, render, sample_transformers, sample_vllm
 from rlvr.grading import Grader, extract_boxed, grade_matrix
 from rlvr.io import atomic_dir, read_parquet, write_json
 
@@ -104,15 +103,9 @@ def generate(params: Params, prompts: list[str], settings: SamplingSettings, des
 
 
 def load_sampler(params: Params, model_dir: Path) -> tuple:
-    """(sampler, tokenizer) for one model: a vLLM engine built once for every benchmark of the stage
-    (the transformers weights are never loaded then), or the transformers model on the GPU if there is one."""
-    dtype = models.torch_dtype(params.model.dtype)
-    if choose_backend(params.evaluate.backend) == "vllm":
-        source = models.local_or_hub(model_dir)
-        tokenizer = models.load_tokenizer(source, trust_remote_code=params.model.trust_remote_code)
-        return vllm_engine(source, params.seed, params.model.trust_remote_code, dtype), tokenizer
-    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code, dtype=dtype)
-    return (model.to("cuda") if torch.cuda.is_available() else model), tokenizer
+    """(sampler, tokenizer) for one model, built once for every benchmark of the stage (rlvr.generation)."""
+    return generation.load_sampler(model_dir, params.evaluate.backend, "evaluate.backend", params.seed,
+                                   params.model.trust_remote_code, params.model.dtype)
 
 
 def evaluate_benchmark(params: Params, name: str, frame: pd.DataFrame, loaded: tuple, grader: Grader | None,

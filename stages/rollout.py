@@ -89,7 +89,12 @@ def chunk_seed(key: str) -> int:
 
 def sample_chunk(model, tokenizer, prompts: list[str], settings: SamplingSettings, batch_size: int,
                  bar: tqdm) -> pd.DataFrame:
-    samples = sample_transformers(model, tokenizer, prompts, settings, batch_size, progress=bar)
+    """One chunk's samples: with a vLLM engine (every request carries the chunk's seed) or transformers."""
+    if isinstance(model, torch.nn.Module):
+        samples = sample_transformers(model, tokenizer, prompts, settings, batch_size, progress=bar)
+    else:
+        samples = generation.sample_vllm(model, prompts, settings)
+        bar.update(sum(len(texts) for texts in samples))
     flat = [(i, j, text) for i, texts in enumerate(samples) for j, text in enumerate(texts)]
     return pd.DataFrame({"row": np.array([i for i, _, _ in flat], dtype=np.int64),
                          "sample": np.array([j for _, j, _ in flat], dtype=np.int64),
@@ -134,16 +139,17 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, cache
     frame = read_parquet(train_path, required=("id", "problem", "answer"))
     if r.max_prompts is not None:
         frame = frame.iloc[: r.max_prompts].reset_index(drop=True)
-    model, tokenizer = models.load_policy(model_dir, trust_remote_code=params.model.trust_remote_code,
-                                          dtype=models.torch_dtype(params.model.dtype))
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model, tokenizer = generation.load_sampler(model_dir, r.backend, "rollout.backend", params.seed,
+                                               params.model.trust_remote_code, params.model.dtype)
     model_digest, sampler = dvc_md5(model_dir), sampler_identity()
     # the prompt params are in the key through the rendered prompts
     sampling = {"n": r.n_samples, "temperature": r.temperature, "top_p": r.top_p,
                 "max_new_tokens": r.max_new_tokens, "batch_size": r.batch_size, "seed": params.seed}
-    if model.dtype != torch.float32:  # fp32 keys stay as they were, so existing caches stay valid
-        sampling["dtype"] = str(model.dtype)
+    dtype = models.torch_dtype(params.model.dtype) if not isinstance(model, torch.nn.Module) else model.dtype
+    if dtype != torch.float32:  # fp32 keys stay as they were, so existing caches stay valid
+        sampling["dtype"] = str(dtype)
+    if not isinstance(model, torch.nn.Module):  # vLLM samples differently: its chunks are its own
+        sampling["backend"] = "vllm"
     firsts = list(range(0, len(frame), r.chunk_size))
     prompts = [[render(tokenizer, p, params.prompt) for p in frame["problem"].iloc[first : first + r.chunk_size]]
                for first in firsts]

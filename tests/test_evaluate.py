@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rlvr import models
+from rlvr import generation, models
 from stages import evaluate, prepare
 
 
@@ -97,8 +97,8 @@ def test_vllm_backend_builds_one_engine_per_model_for_every_benchmark(small_para
         n = 1 if settings.greedy else settings.n
         return [["\\boxed{0}"] * n for _ in prompts]
 
-    monkeypatch.setattr(evaluate, "choose_backend", lambda requested: "vllm")
-    monkeypatch.setattr(evaluate, "vllm_engine", fake_engine)
+    monkeypatch.setattr(generation, "choose_backend", lambda requested, key: "vllm")
+    monkeypatch.setattr(generation, "vllm_engine", fake_engine)
     monkeypatch.setattr(evaluate, "sample_vllm", fake_sample)
     monkeypatch.setattr(models, "load_policy", lambda *a, **k: pytest.fail("transformers weights loaded with vLLM"))
     metrics, _ = evaluate.run(small_params)

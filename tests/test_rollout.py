@@ -97,6 +97,47 @@ def test_rollout_writes_graded_samples_and_reuses_its_cache(workspace):
     pd.testing.assert_frame_equal(pd.read_parquet("data/rollouts/rollouts.parquet"), rolls)
 
 
+def test_vllm_backend_samples_every_chunk_with_one_engine_and_keeps_its_own_chunks(workspace, monkeypatch):
+    """Stand-in engine (vLLM needs a GPU): one engine for every chunk, each chunk's requests carry the
+    chunk's seed, the transformers weights are never loaded, and vLLM's chunks are cached under keys of
+    their own (a transformers run afterwards does not reuse them)."""
+    from rlvr import generation
+
+    built, calls = [], []
+
+    def fake_engine(source, seed, trust_remote_code, dtype):
+        built.append(source)
+        return "engine"
+
+    def fake_sample(engine, prompts, settings):
+        calls.append((engine, len(prompts), settings.seed))
+        return [[f"\\boxed{{{i}}}"] * settings.n for i in range(len(prompts))]
+
+    params = _params(backend="vllm")
+    cache = workspace / "data/rollout_cache"
+    monkeypatch.setattr(generation, "choose_backend", lambda requested, key: "vllm")
+    monkeypatch.setattr(generation, "vllm_engine", fake_engine)
+    monkeypatch.setattr(generation, "sample_vllm", fake_sample)
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_policy", lambda *a, **k: pytest.fail("transformers weights loaded with vLLM"))
+        metrics = rollout.main(params)
+    assert built == ["models/warmup"] and [c[:2] for c in calls] == [("engine", 5), ("engine", 5), ("engine", 2)]
+    assert len({seed for _, _, seed in calls}) == 3  # a seed per chunk, from its key
+    assert metrics["chunks_sampled"] == 3 and len(_chunks(cache)) == 3
+    monkeypatch.setattr(generation, "choose_backend", lambda requested, key: "transformers")
+    again = rollout.main(_params(backend="transformers"))
+    assert again["chunks_reused"] == 0 and again["chunks_sampled"] == 3 and len(_chunks(cache)) == 6
+
+
+def test_a_vllm_backend_without_vllm_is_one_clear_error():
+    from rlvr import generation
+
+    if generation.vllm_available():
+        pytest.skip("vLLM and a GPU are present here")
+    with pytest.raises(config.ConfigError, match=r"rollout.backend = 'vllm' but vLLM is not installed"):
+        generation.choose_backend("vllm", "rollout.backend")
+
+
 def _copy_inputs(source, target):
     for name in ("models/warmup", "data/prepared"):
         shutil.copytree(source / name, target / name)
