@@ -85,7 +85,7 @@ def record():
     wrap(train, "resume_point", lambda found, checkpoints, expected: RECORD["resume_points"].append(
         None if found is None else str(found)))
     wrap(grpo, "mark_complete", lambda _, folder: RECORD["markers"].append(folder.name))
-    wrap(models, "save_model", lambda _, model, tokenizer, path: RECORD["policies"].append(str(path)))
+    wrap(models, "save_model", lambda _, model, tokenizer, path, state_dict=None: RECORD["policies"].append(str(path)))
 
 
 def die():
