@@ -192,7 +192,10 @@ def _wait_for_queue_workers(project: Path, timeout_s: float = 60.0) -> None:
     pytest.param("postgres", marks=pytest.mark.skipif(
         postgres.bindir() is None,
         reason="no PostgreSQL binaries (initdb, pg_ctl, postgres) on PATH or in /usr/lib/postgresql/*/bin")),
-    "sqlite-server",
+    # SQLite through the server: both experiments completed and every run was recorded (docs/services.md);
+    # run on demand (RLVR_TEST_SQLITE=1) to keep CI's time for the PostgreSQL case the issue asks for.
+    pytest.param("sqlite-server", marks=pytest.mark.skipif(
+        not os.environ.get("RLVR_TEST_SQLITE"), reason="SQLite through the server: RLVR_TEST_SQLITE=1 runs it")),
     # measured: one of the two experiments failed, or both left the fresh store half-migrated (MLflow's
     # SQLite schema migration raced between them); docs/services.md, "Two experiments at once"
     # Not run by default (it costs CI minutes to show a known failure); RLVR_TEST_SQLITE_RACE=1 runs it.
