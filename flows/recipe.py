@@ -38,7 +38,7 @@ RECIPES = Path("configs/recipes")
 RECIPE_KEYS = ("description", "set")
 EXPERIMENT_PREFIX = "recipe-"
 # `dvc.yaml` stage order, for the dry run.
-STAGES = ("prepare", "warmup", "score", "rollout", "filter", "train", "evaluate")
+STAGES = ("prepare", "warmup", "score", "rollout", "filter", "one_shot", "train", "evaluate")
 
 
 # Strings Hydra's grammar reads back as the same string without quotes; anything else is quoted.

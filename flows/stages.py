@@ -47,7 +47,7 @@ from flows import LOGGERS, launch, sweep
 from rlvr import config, plots, tracking
 from rlvr.errors import RlvrError, log_file, one_line, write_traceback
 from rlvr.io import write_json
-from stages import evaluate, prepare, rollout, score, train, warmup
+from stages import evaluate, one_shot, prepare, rollout, score, train, warmup
 from stages import filter as filter_stage
 
 
@@ -109,7 +109,7 @@ def run_in_process(prefect_flow: Callable[..., dict], params_file: str = "params
 
 # In DAG order; the names are the DVC stage names, the Prefect flow names and the MLflow run names.
 MAINS = {"prepare": prepare.main, "warmup": warmup.main, "score": score.main, "rollout": rollout.main,
-         "filter": filter_stage.main, "train": train.main, "evaluate": evaluate.main}
+         "filter": filter_stage.main, "one_shot": one_shot.main, "train": train.main, "evaluate": evaluate.main}
 FLOWS = {name: partial(run_in_process, stage_flow(name, main)) for name, main in MAINS.items()}
 
 

@@ -37,8 +37,14 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 # Allowed values of every choice in params.yaml.
-TRAIN_ORDERS = ("gain_rl", "length", "random", "uniform")
-TRAIN_PROMPTS = ("all", "band")
+# train.order: which prompts a step sees (rlvr/curation: one sampler class per value).
+TRAIN_ORDERS = ("gain_rl", "length", "random", "uniform", "online_difficulty", "dump")
+# train.prompts: every training prompt, the filter stage's band, or the one_shot stage's selection.
+TRAIN_PROMPTS = ("all", "band", "one_shot")
+# train.filters: which rollouts of a step count (rlvr/curation: one filter class per value).
+TRAIN_FILTERS = ("dynamic_sampling", "prof")
+# curation.dump.by: how DUMP groups the training prompts into distributions.
+DUMP_BY = ("source", "difficulty")
 TRAIN_REWARDS = ("accuracy", "blend")
 # What GAIN-RL samples once mu has reached the end of the ranking (rlvr/gain_rl.py reads this tuple).
 GAIN_RL_AT_END = ("stay", "uniform")
@@ -468,6 +474,9 @@ class Train:
     prompts: str
     # PROF inside the GRPO loop: filter each group before advantages (rule and PRM: prof, prm).
     prof: bool
+    # Filters applied to each step's graded groups, in order: dynamic_sampling (DAPO; first if named) and
+    # prof (the same as train.prof: true). Settings in the `curation` section.
+    filters: tuple[str, ...]
     # accuracy: the grader's 1/0; blend: accuracy + blend_weight x process value (PROF's baseline).
     reward: str
     blend_weight: float
@@ -505,12 +514,113 @@ class Train:
         _at_least("train.save_steps", self.save_steps, 1)
         _at_least("train.logging_steps", self.logging_steps, 1)
         _one_of("train.prompts", self.prompts, TRAIN_PROMPTS)
+        unknown = [f for f in self.filters if f not in TRAIN_FILTERS]
+        _require(not unknown, "train.filters", list(self.filters), f"unknown {unknown}; use names from "
+                 f"{list(TRAIN_FILTERS)}")
+        _require(len(set(self.filters)) == len(self.filters), "train.filters", list(self.filters),
+                 "a filter is named twice")
+        _require("dynamic_sampling" not in self.filters or self.filters[0] == "dynamic_sampling", "train.filters",
+                 list(self.filters), "put dynamic_sampling first: it decides which groups the step has")
+        _require(not (self.prof and "prof" in self.filters), "train.filters", list(self.filters),
+                 "PROF is on twice (train.prof: true and prof in train.filters); use one of them")
         _one_of("train.reward", self.reward, TRAIN_REWARDS)
         _at_least("train.blend_weight", self.blend_weight, 0)
         _require(self.eval_steps >= 0, "train.eval_steps", self.eval_steps,
                  "use 0 (no held-out curve) or a number of steps between evaluations")
         _at_least("train.eval_n_samples", self.eval_n_samples, 1)
         _at_least("train.eval_max_new_tokens", self.eval_max_new_tokens, 1)
+
+    @property
+    def filter_names(self) -> tuple[str, ...]:
+        """The filters the trainer applies, in order: train.filters, with prof where train.prof is true."""
+        return self.filters + (("prof",) if self.prof else ())
+
+
+# ---- curation methods (rlvr/curation/; docs/curation.md) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class DynamicSampling:
+    """DAPO dynamic sampling (train.filters: [dynamic_sampling])."""
+
+    # extra generation rounds allowed per step (0: drop only, never generate more)
+    max_extra_rounds: int
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.max_extra_rounds, int) and not isinstance(self.max_extra_rounds, bool)
+                 and self.max_extra_rounds >= 0, "curation.dynamic_sampling.max_extra_rounds",
+                 self.max_extra_rounds, "use an integer >= 0")
+
+
+@dataclass(frozen=True)
+class OnlineDifficulty:
+    """Online difficulty filtering (train.order: online_difficulty)."""
+
+    low: float            # the band's lower edge, inclusive
+    high: float           # the band's upper edge, inclusive
+    prior_samples: float  # weight of the rollout stage's pass rate, in rollouts (0: no prior)
+    explore: float        # fraction of every step's prompts drawn from outside the pool
+
+    def __post_init__(self) -> None:
+        key = "curation.online_difficulty"
+        for name in ("low", "high", "explore"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"{key}.{name}", value,
+                     "use a value in [0, 1]")
+        _require(self.low <= self.high, f"{key}.low", (self.low, self.high), "need low <= high")
+        _require(isinstance(self.prior_samples, (int, float)) and self.prior_samples >= 0,
+                 f"{key}.prior_samples", self.prior_samples, "use a number of rollouts >= 0 (0: no prior)")
+
+
+@dataclass(frozen=True)
+class Dump:
+    """DUMP (train.order: dump)."""
+
+    # how prompts are grouped into distributions: the prepared set's `source`, or a difficulty bucket of
+    # the rollout stage's pass rate cut at `bucket_edges`
+    by: str
+    bucket_edges: tuple[float, ...]
+    window: int          # absolute advantages kept per distribution (reference code: 300)
+    temperature: float   # softmax temperature tau over UCB scores (reference code: 0.1)
+
+    def __post_init__(self) -> None:
+        key = "curation.dump"
+        _require(self.by in DUMP_BY, f"{key}.by", self.by, f"use one of {list(DUMP_BY)}")
+        edges = tuple(float(e) for e in self.bucket_edges)
+        object.__setattr__(self, "bucket_edges", edges)
+        _require(all(0.0 < e < 1.0 for e in edges) and list(edges) == sorted(set(edges)), f"{key}.bucket_edges",
+                 list(edges), "use increasing pass rates strictly between 0 and 1")
+        _require(self.by != "difficulty" or len(edges) >= 1, f"{key}.bucket_edges", list(edges),
+                 "by: difficulty needs at least one edge (two buckets)")
+        _require(isinstance(self.window, int) and self.window >= 1, f"{key}.window", self.window,
+                 "use an integer >= 1")
+        _require(isinstance(self.temperature, (int, float)) and self.temperature > 0, f"{key}.temperature",
+                 self.temperature, "use a value > 0")
+
+
+@dataclass(frozen=True)
+class OneShotSelection:
+    """1-shot RLVR selection (the one_shot stage; train.prompts: one_shot)."""
+
+    m: int                 # prompts to keep (1: the paper's 1-shot setting)
+    min_observations: int  # a prompt needs this many accuracy values to have a variance
+
+    def __post_init__(self) -> None:
+        key = "curation.one_shot"
+        _require(isinstance(self.m, int) and self.m >= 1, f"{key}.m", self.m, "use an integer >= 1 (1: 1-shot)")
+        _require(isinstance(self.min_observations, int) and self.min_observations >= 2, f"{key}.min_observations",
+                 self.min_observations, "use an integer >= 2 (a variance needs two values)")
+
+
+@dataclass(frozen=True)
+class Curation:
+    """Settings of the curation methods that have no section of their own (GAIN-RL: train.gain_rl;
+    PROF: prof, prm)."""
+
+    dynamic_sampling: DynamicSampling
+    online_difficulty: OnlineDifficulty
+    dump: Dump
+    one_shot: OneShotSelection
 
 
 @dataclass(frozen=True)
@@ -637,6 +747,7 @@ class Params:
     prof: Prof
     filter: Filter
     train: Train
+    curation: Curation
     evaluate: Evaluate
     tracking: Tracking
     retrain: Retrain
@@ -662,6 +773,9 @@ class Params:
                        ("train.num_generations", self.train.num_generations)):
             _require(self.prof.remove is None or self.prof.remove < n, "prof.remove", self.prof.remove,
                      f"must be below {key} ({n}) so that every group keeps a rollout; or null for n // 2")
+        _require("dynamic_sampling" not in self.train.filters or not self.launch.distributed, "train.filters",
+                 list(self.train.filters), "dynamic sampling's extra rounds run on one process only; drop "
+                 "dynamic_sampling or set launch.processes and launch.machines to 1")
         _require(self.launch.mixed_precision != "fp16" or self.model.dtype == "fp32", "launch.mixed_precision",
                  self.launch.mixed_precision, f"fp16 mixed precision needs fp32 weights (model.dtype = "
                  f"{self.model.dtype!r}); set model.dtype: fp32, or use bf16")

@@ -134,8 +134,18 @@ BAD = [
     ({"filter.pass_rate_min": 0.8, "filter.pass_rate_max": 0.2}, "filter.pass_rate_min", (0.8, 0.2),
      r"pass_rate_min <= pass_rate_max"),
     # train
-    ({"train.order": "hardest"}, "train.order", "hardest", r"use one of \['gain_rl', 'length', 'random', 'uniform'\]"),
-    ({"train.prompts": "hard"}, "train.prompts", "hard", r"use one of \['all', 'band'\]"),
+    ({"train.order": "hardest"}, "train.order", "hardest",
+     r"use one of \['gain_rl', 'length', 'random', 'uniform', 'online_difficulty', 'dump'\]"),
+    ({"train.prompts": "hard"}, "train.prompts", "hard", r"use one of \['all', 'band', 'one_shot'\]"),
+    ({"train.filters": ["dapo"]}, "train.filters", ["dapo"], r"unknown \['dapo'\]"),
+    ({"train.filters": ["prof", "dynamic_sampling"]}, "train.filters", ["prof", "dynamic_sampling"],
+     r"put dynamic_sampling first"),
+    ({"train.filters": ["prof"], "train.prof": True}, "train.filters", ["prof"], r"PROF is on twice"),
+    ({"curation.dump.temperature": 0.0}, "curation.dump.temperature", 0.0, r"use a value > 0"),
+    ({"curation.online_difficulty.high": 1.5}, "curation.online_difficulty.high", 1.5, r"in \[0, 1\]"),
+    ({"curation.one_shot.m": 0}, "curation.one_shot.m", 0, r"integer >= 1"),
+    ({"curation.dynamic_sampling.max_extra_rounds": -1}, "curation.dynamic_sampling.max_extra_rounds", -1,
+     r"integer >= 0"),
     ({"train.reward": "process"}, "train.reward", "process", r"use one of \['accuracy', 'blend'\]"),
     ({"train.max_steps": -1}, "train.max_steps", -1, r"0 \(no training\) or more"),
     ({"train.prompts_per_step": 0}, "train.prompts_per_step", 0, r">= 1"),
@@ -203,6 +213,8 @@ BAD = [
      r"\.yaml, \.yml or \.json"),
     ({"launch.mixed_precision": "fp8"}, "launch.mixed_precision", "fp8", r"use one of \['auto', 'no', 'bf16', 'fp16'\]"),
     ({"launch.mixed_precision": "fp16"}, "launch.mixed_precision", "fp16", r"fp16 mixed precision needs fp32 weights"),
+    ({"train.filters": ["dynamic_sampling"], "launch.processes": 2}, "train.filters", ["dynamic_sampling"],
+     r"extra rounds run on one process only"),
 ]
 
 

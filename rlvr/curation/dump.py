@@ -45,39 +45,19 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rlvr.curation.base import Context, StepStats, check_state, new_rng, require, settings_from
+from rlvr import config
+from rlvr.curation.base import Context, StepStats, check_state, new_rng, settings_from
 
 NAME = "dump"
 BY = ("source", "difficulty")
 
 
-@dataclass(frozen=True)
-class DumpSettings:
-    # how the trainer labels distributions: the prepared set's `source`, or a difficulty bucket of the
-    # rollout stage's pass rate cut at `bucket_edges` (the wiring builds the labels; see docs/curation.md)
-    by: str
-    bucket_edges: tuple[float, ...]
-    window: int          # absolute advantages kept per distribution (reference code: 300)
-    temperature: float   # softmax temperature tau over UCB scores (reference code: 0.1)
-
-    def __post_init__(self) -> None:
-        key = f"curation.{NAME}"
-        require(self.by in BY, f"{key}.by", self.by, f"use one of {list(BY)}")
-        edges = tuple(float(e) for e in self.bucket_edges)
-        object.__setattr__(self, "bucket_edges", edges)
-        require(all(0.0 < e < 1.0 for e in edges) and list(edges) == sorted(set(edges)), f"{key}.bucket_edges",
-                list(edges), "use increasing pass rates strictly between 0 and 1")
-        require(self.by != "difficulty" or len(edges) >= 1, f"{key}.bucket_edges", list(edges),
-                "by: difficulty needs at least one edge (two buckets)")
-        require(isinstance(self.window, int) and self.window >= 1, f"{key}.window", self.window,
-                "use an integer >= 1")
-        require(isinstance(self.temperature, (int, float)) and self.temperature > 0, f"{key}.temperature",
-                self.temperature, "use a value > 0")
+# The settings live in rlvr/config.py with the other params (validated when params.yaml loads).
+DumpSettings = config.Dump
 
 
 def difficulty_buckets(pass_rate: Sequence[float], edges: Sequence[float]) -> list[str]:

@@ -45,19 +45,14 @@ from typing import Any
 
 import numpy as np
 
-from rlvr.curation.base import Context, FilterResult, Groups, require, settings_from
+from rlvr import config
+from rlvr.curation.base import Context, FilterResult, Groups, settings_from
 
 NAME = "dynamic_sampling"
 
 
-@dataclass(frozen=True)
-class DynamicSamplingSettings:
-    # extra generation rounds allowed per step (0: drop only, never generate more)
-    max_extra_rounds: int
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.max_extra_rounds, int) and self.max_extra_rounds >= 0,
-                f"curation.{NAME}.max_extra_rounds", self.max_extra_rounds, "use an integer >= 0")
+# The settings live in rlvr/config.py with the other params (validated when params.yaml loads).
+DynamicSamplingSettings = config.DynamicSampling
 
 
 def informative(rewards: np.ndarray) -> np.ndarray:

@@ -30,14 +30,14 @@ step (rlvr.grpo.prompt_plan cycles a set smaller than K).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rlvr.curation.base import Groups, require, settings_from
+from rlvr import config
+from rlvr.curation.base import Groups, settings_from
 from rlvr.io import write_parquet
 
 NAME = "one_shot"
@@ -45,16 +45,8 @@ HISTORY_COLUMNS = ("step", "id", "accuracy")
 SELECTION_COLUMNS = ("id", "variance", "mean_accuracy", "n_observations", "rank")
 
 
-@dataclass(frozen=True)
-class OneShotSettings:
-    m: int                 # prompts to keep (1: the paper's 1-shot setting)
-    min_observations: int  # a prompt needs this many accuracy values to have a variance
-
-    def __post_init__(self) -> None:
-        key = f"curation.{NAME}"
-        require(isinstance(self.m, int) and self.m >= 1, f"{key}.m", self.m, "use an integer >= 1 (1: 1-shot)")
-        require(isinstance(self.min_observations, int) and self.min_observations >= 2, f"{key}.min_observations",
-                self.min_observations, "use an integer >= 2 (a variance needs two values)")
+# The settings live in rlvr/config.py with the other params (validated when params.yaml loads).
+OneShotSettings = config.OneShotSelection
 
 
 def settings(values: Mapping[str, Any] | None) -> OneShotSettings:

@@ -35,32 +35,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rlvr.curation.base import Context, Groups, StepStats, check_state, new_rng, require, settings_from
+from rlvr import config
+from rlvr.curation.base import Context, Groups, StepStats, check_state, new_rng, settings_from
 
 NAME = "online_difficulty"
 
 
-@dataclass(frozen=True)
-class OnlineDifficultySettings:
-    low: float            # the band's lower edge, inclusive
-    high: float           # the band's upper edge, inclusive
-    prior_samples: float  # weight of the rollout stage's pass rate, in rollouts (0: no prior)
-    explore: float        # fraction of every step's prompts drawn from outside the pool
-
-    def __post_init__(self) -> None:
-        key = f"curation.{NAME}"
-        for name in ("low", "high", "explore"):
-            value = getattr(self, name)
-            require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"{key}.{name}", value,
-                    "use a value in [0, 1]")
-        require(self.low <= self.high, f"{key}.low", (self.low, self.high), "need low <= high")
-        require(isinstance(self.prior_samples, (int, float)) and self.prior_samples >= 0,
-                f"{key}.prior_samples", self.prior_samples, "use a number of rollouts >= 0 (0: no prior)")
+# The settings live in rlvr/config.py with the other params (validated when params.yaml loads).
+OnlineDifficultySettings = config.OnlineDifficulty
 
 
 def in_band(rate: np.ndarray, low: float, high: float) -> np.ndarray:
