@@ -62,6 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
@@ -71,13 +72,19 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
 from rlvr import gain_rl, prof
-from rlvr.config import TRAIN_ORDERS
+from rlvr.config import TRAIN_ORDERS, DynamicSampling
+from rlvr.curation import Groups, StepStats, dynamic_sampling
+from rlvr.curation.base import new_rng
 from rlvr.grading import Grader
 from rlvr.io import write_json
 
 log = logging.getLogger(__name__)
 
 GAIN_RL_STATE = "gain_rl_state.json"
+CURATION_STATE = "curation_state.json"  # online sampler, dynamic sampling's refill RNG, per-prompt accuracy
+ROW = "_row"  # the column RLVRGRPOTrainer adds to the training set: each row's index in it
+# Orders whose prompts are drawn at generation time (the dataset TRL walks is then a placeholder).
+ONLINE_ORDERS = ("gain_rl", "online_difficulty", "dump")
 COMPLETE = "checkpoint_complete.json"  # written last into every checkpoint folder
 REWARD_NAME = "accuracy"  # TRL names the reward column and its logged metrics after the function
 # What `_generate_and_score_completions` must return for PROF and GAIN-RL to work on it.
@@ -207,8 +214,9 @@ def prompt_plan(order: str, ordering: Sequence[int], n_rows: int, prompts_per_st
     permutation every epoch from a torch Generator seeded with `seed` (the permutations TRL's
     sampler draws with `shuffle_dataset=True` and that seed), `length` and `random` repeat
     `ordering`, and each epoch's tail that does not fill a step is dropped. A set smaller than K is
-    cycled to fill one step per epoch. `gain_rl` replaces every step's rows at generation time, so
-    its plan is only a placeholder of the right length (the rows in file order).
+    cycled to fill one step per epoch. The online orders (`gain_rl`, `online_difficulty`, `dump`)
+    replace every step's rows at generation time, so their plan is only a placeholder of the right
+    length (the rows in file order).
     """
     if order not in TRAIN_ORDERS:
         raise ValueError(f"order must be one of {', '.join(TRAIN_ORDERS)}, got {order!r}")
@@ -221,7 +229,7 @@ def prompt_plan(order: str, ordering: Sequence[int], n_rows: int, prompts_per_st
     while len(plan) < steps * k:
         if order == "uniform":
             epoch = torch.randperm(n_rows, generator=generator).tolist()
-        elif order == "gain_rl":
+        elif order in ONLINE_ORDERS:
             epoch = list(range(n_rows))
         else:
             epoch = [int(i) for i in ordering]
@@ -298,8 +306,9 @@ class CheckpointState(TrainerCallback):
     process's RNG file part of what the marker lists.
     """
 
-    def __init__(self, gain_rl_schedule: GainRLSchedule | None = None):
+    def __init__(self, gain_rl_schedule: GainRLSchedule | None = None, curation_state=None):
         self.gain_rl_schedule = gain_rl_schedule
+        self.curation_state = curation_state  # a callable returning the trainer's curation state (JSON)
 
     def on_save(self, args, state, control, **kwargs):
         PartialState().wait_for_everyone()
@@ -307,6 +316,8 @@ class CheckpointState(TrainerCallback):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if self.gain_rl_schedule is not None:
                 write_json(folder / GAIN_RL_STATE, self.gain_rl_schedule.sampler.state_dict())
+            if self.curation_state is not None:
+                write_json(folder / CURATION_STATE, self.curation_state())
             mark_complete(folder)
         PartialState().wait_for_everyone()
 
@@ -341,11 +352,89 @@ class GainRLSchedule:
         return self.sampler.end_update
 
 
+# Per-rollout tensors of TRL's generation output, by how TRL pads them (rlvr.grpo.merge_rollouts).
+LEFT_PADDED = ("prompt_ids", "prompt_mask")
+RIGHT_PADDED = ("completion_ids", "completion_mask", "old_per_token_logps", "sampling_per_token_logps",
+                "ref_per_token_logps", "importance_sampling_ratio", "tool_mask")
+
+
+@dataclass
+class _Rollouts:
+    """This process's rollouts of one generation round, in TRL's order: what curation reads."""
+
+    rows: list[int]          # the training-set row of each rollout's prompt
+    accuracy: torch.Tensor   # the grader's 1.0 / 0.0, NaN where it gave none
+    rewards: torch.Tensor    # (rollouts, reward functions), NaN for None
+    texts: list[str]         # completion texts
+    problems: list[str]      # the problems (for the PRM)
+    advantages: list[float]  # TRL's advantages
+
+    @classmethod
+    def of(cls, inputs: list[dict], trainer: RLVRGRPOTrainer, output: dict) -> _Rollouts:
+        return cls(rows=[int(row[ROW]) for row in inputs], accuracy=_local(trainer.accuracy_reward),
+                   rewards=torch.stack([_local(f) for f in trainer.reward_functions], dim=1),
+                   texts=list(trainer.accuracy_reward.latest_texts),
+                   problems=[row.get("problem", "") for row in inputs], advantages=output["advantages"].tolist())
+
+    @classmethod
+    def select(cls, rounds: list[_Rollouts], picks: list[tuple[int, int]]) -> _Rollouts:
+        """The rollouts at `picks` ((round, index) pairs), in that order."""
+        return cls(rows=[rounds[r].rows[i] for r, i in picks],
+                   accuracy=torch.stack([rounds[r].accuracy[i] for r, i in picks]),
+                   rewards=torch.stack([rounds[r].rewards[i] for r, i in picks]),
+                   texts=[rounds[r].texts[i] for r, i in picks], problems=[rounds[r].problems[i] for r, i in picks],
+                   advantages=[rounds[r].advantages[i] for r, i in picks])
+
+
+def _pad_rows(rows: list[torch.Tensor], value, left: bool) -> torch.Tensor:
+    """Stack rows of different lengths (dim 0 of each), padding on the left or the right with `value`."""
+    if rows[0].dim() == 0:
+        return torch.stack(rows)
+    width = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
+    for i, row in enumerate(rows):
+        if left:
+            out[i, width - row.shape[0]:] = row
+        else:
+            out[i, : row.shape[0]] = row
+    return out
+
+
+def merge_rollouts(outputs: list[dict], picks: list[tuple[int, int]], pad_token_id: int) -> dict:
+    """One generation output made of rows of several (rows `picks`: (output index, row) pairs).
+
+    Each output is TRL's `_generate_and_score_completions` result of one round, padded to its own
+    widths: prompts are left-padded, completions (and per-token values) right-padded, so rows are
+    re-padded to the widest. `num_items_in_batch` is recounted from the merged completion mask (one
+    process). A key whose layout is not known here (images, for instance) is an error rather than a
+    silent mix-up.
+    """
+    keys = list(outputs[0])
+    if any(list(o) != keys for o in outputs):
+        raise RuntimeError(f"generation rounds returned different keys: {[sorted(o) for o in outputs]}")
+    merged: dict = {}
+    for key in keys:
+        if key == "num_items_in_batch":
+            continue
+        rows = [outputs[r][key][i] for r, i in picks]
+        if key == "advantages":
+            merged[key] = torch.stack(rows)
+        elif key in LEFT_PADDED or key in RIGHT_PADDED:
+            value = pad_token_id if key.endswith("_ids") else 0
+            merged[key] = _pad_rows(rows, value, left=key in LEFT_PADDED)
+        else:
+            raise RuntimeError(f"dynamic sampling cannot merge TRL's generation output {key!r} across rounds "
+                               "(rlvr.grpo.merge_rollouts knows only text rollouts)")
+    merged["num_items_in_batch"] = merged["completion_mask"].sum()
+    return merged
+
+
 class RLVRGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with a prompt order, GAIN-RL, PROF and kill-safe checkpoints (module docstring)."""
 
     def __init__(self, *args, order: str = "uniform", ordering: Sequence[int] | None = None,
                  gain_rl_schedule: GainRLSchedule | None = None, prof_filter: ProfInLoop | None = None,
+                 sampler=None, dynamic_sampling_settings: DynamicSampling | None = None,
                  train_dataset=None, reward_funcs=None, **kwargs):
         config = kwargs.get("args", args[1] if len(args) > 1 else None)
         if order not in TRAIN_ORDERS:
@@ -354,10 +443,14 @@ class RLVRGRPOTrainer(GRPOTrainer):
             raise ValueError(f"order {order!r} needs the ordering of training rows")
         if order == "gain_rl" and gain_rl_schedule is None:
             raise ValueError("order 'gain_rl' needs a GainRLSchedule")
-        if order == "gain_rl" and config is not None and (config.steps_per_generation, config.num_iterations,
-                                                          config.gradient_accumulation_steps) != (1, 1, 1):
-            raise ValueError("order 'gain_rl' moves mu once per optimizer step: it needs steps_per_generation, "
-                             "num_iterations and gradient_accumulation_steps of 1 (stages.train.grpo_config)")
+        if order in ONLINE_ORDERS and order != "gain_rl" and (sampler is None or sampler.offline):
+            raise ValueError(f"order {order!r} needs its online sampler (rlvr.curation.build_sampler)")
+        stepwise = order in ONLINE_ORDERS or dynamic_sampling_settings is not None
+        if stepwise and config is not None and (config.steps_per_generation, config.num_iterations,
+                                                config.gradient_accumulation_steps) != (1, 1, 1):
+            raise ValueError(f"order {order!r} and dynamic sampling act once per optimizer step: they need "
+                             "steps_per_generation, num_iterations and gradient_accumulation_steps of 1 "
+                             "(stages.train.grpo_config)")
         if config is None or config.shuffle_dataset:
             raise ValueError("RLVRGRPOTrainer needs a GRPOConfig with shuffle_dataset=False: TRL's sampler "
                              "must walk the prompt plan in order (build it with stages.train.grpo_config)")
@@ -368,17 +461,27 @@ class RLVRGRPOTrainer(GRPOTrainer):
                              f"max_steps steps), got {config.max_steps}")
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         self.accuracy_reward = next((f for f in funcs if isinstance(f, RewardFunction)), None)
-        if (prof_filter is not None or order == "gain_rl") and self.accuracy_reward is None:
-            raise ValueError(f"PROF and GAIN-RL need the {REWARD_NAME!r} reward (a RewardFunction) to tell "
-                             "correct from incorrect rollouts")
+        if (prof_filter is not None or order in ONLINE_ORDERS or dynamic_sampling_settings is not None) and \
+                self.accuracy_reward is None:
+            raise ValueError(f"PROF, the online orders and dynamic sampling need the {REWARD_NAME!r} reward (a "
+                             "RewardFunction) to tell correct from incorrect rollouts")
         if prof_filter is not None and not all(isinstance(f, (RewardFunction, ProcessValueReward)) for f in funcs):
             raise ValueError("PROF recomputes the total reward, so every reward must be a RewardFunction or "
                              "a ProcessValueReward")
         self.order = order
         self.gain_rl_schedule = gain_rl_schedule
         self.prof_filter = prof_filter
+        self.sampler = sampler if order in ONLINE_ORDERS and order != "gain_rl" else None
+        self.dynamic_sampling = dynamic_sampling_settings
+        # Extra rounds of dynamic sampling under a plan order draw uniformly from every row, from their own
+        # RNG (the plan itself is TRL's to walk); its state is checkpointed.
+        self._refill_rng = new_rng(config.seed + 1)
+        self.prompt_accuracy: list[tuple[int, int, int, int]] = []  # (step, row, correct, graded)
         self.reward_functions = funcs  # TRL's order: the columns of its rewards and of reward_weights
-        self.prompt_rows = train_dataset  # GAIN-RL draws from the training set itself, not from the plan
+        if ROW in train_dataset.column_names:
+            raise ValueError(f"the training set has a column {ROW!r}; RLVRGRPOTrainer adds it itself")
+        train_dataset = train_dataset.add_column(ROW, list(range(len(train_dataset))))
+        self.prompt_rows = train_dataset  # online orders draw from the training set itself, not from the plan
         self.curation_metrics: dict[str, list[float]] = defaultdict(list)
         self._gain_rl_acc: float | None = None  # acc of the generation step whose loss step is next
         steps = -(-config.max_steps * config.gradient_accumulation_steps
@@ -386,7 +489,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         plan = prompt_plan(order, list(ordering or []), len(train_dataset),
                            config.generation_batch_size // config.num_generations, steps, config.seed)
         super().__init__(*args, train_dataset=train_dataset.select(plan), reward_funcs=reward_funcs, **kwargs)
-        self.add_callback(CheckpointState(gain_rl_schedule))
+        self.add_callback(CheckpointState(gain_rl_schedule, self.curation_state_dict))
 
     # ---- public Trainer surface: resume and log ----------------------------------------------------
 
@@ -401,8 +504,29 @@ class RLVRGRPOTrainer(GRPOTrainer):
             self.gain_rl_schedule.sampler.load_state_dict(json.loads(state_file.read_text()))
             log.info("GAIN-RL state restored from %s (mu = %.2f)", resume_from_checkpoint,
                      self.gain_rl_schedule.sampler.mu)
+        if resume_from_checkpoint is not None:
+            state_file = Path(resume_from_checkpoint) / CURATION_STATE
+            if not state_file.is_file():
+                raise FileNotFoundError(f"{state_file}: resuming needs the curation state (sampler, accuracy history)")
+            self.load_curation_state_dict(json.loads(state_file.read_text()))
         checkpoint = None if resume_from_checkpoint is None else str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    def curation_state_dict(self) -> dict:
+        """What a checkpoint keeps of the curation: the online sampler's state, dynamic sampling's refill
+        RNG and the per-prompt accuracy history so far (JSON)."""
+        return {"sampler": None if self.sampler is None else self.sampler.state_dict(),
+                "refill_rng": self._refill_rng.bit_generator.state,
+                "prompt_accuracy": [list(row) for row in self.prompt_accuracy]}
+
+    def load_curation_state_dict(self, state: dict) -> None:
+        if (state.get("sampler") is None) != (self.sampler is None):
+            raise ValueError("the checkpoint's curation state was written with another train.order; resume with "
+                             "the same params")
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        self._refill_rng.bit_generator.state = state["refill_rng"]
+        self.prompt_accuracy = [tuple(int(v) for v in row) for row in state["prompt_accuracy"]]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean of every curation metric since the last training log (finite values only).
@@ -424,39 +548,127 @@ class RLVRGRPOTrainer(GRPOTrainer):
     # ---- private TRL hooks (TRL_HOOKS) -------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
-        training = self.model.training
-        if training and self.order == "gain_rl":
+        if not self.model.training:  # rlvr.heldout's evaluations and TRL's own: no curation
+            return self._scored(inputs)
+        if self.order == "gain_rl":
             inputs = self._gain_rl_inputs(inputs)
+        elif self.sampler is not None:
+            inputs = self._draw_inputs(inputs, self.sampler.draw(self._prompts_per_step()))
+        output = self._scored(inputs)
+        if self.accuracy_reward is None:  # a custom reward: no curation, no accuracy history
+            return output
+        step = _Rollouts.of(inputs, self, output)
+        generated = [step]  # every round of this step (dynamic sampling adds rounds)
+        counts = None
+        if self.dynamic_sampling is not None:
+            output, step, counts, generated = self._dynamic_sampling_step(output, step)
+        if self.order == "gain_rl":
+            self._gain_rl_after_grading(output, self._gather_floats(step.accuracy))
+        if counts is not None:  # the groups dynamic sampling could not fill the step with carry no loss
+            keep = counts.to(output["completion_mask"].device)
+            output["completion_mask"] = output["completion_mask"] * keep.unsqueeze(1).to(output["completion_mask"].dtype)
+            output["advantages"] = torch.where(keep.to(output["advantages"].device), output["advantages"],
+                                               torch.zeros_like(output["advantages"]))
+            output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        if self.prof_filter is not None:
+            self._prof_step(output, step.problems, step.texts, step.rewards)
+        self._after_step(generated)
+        return output
+
+    def _scored(self, inputs) -> dict:
+        """TRL's generation, grading and advantages, with the keys rlvr.grpo relies on checked."""
         output = super()._generate_and_score_completions(inputs)
         missing = [key for key in GENERATION_OUTPUT_KEYS if key not in output]
         if missing:
             raise RuntimeError(f"trl GRPOTrainer._generate_and_score_completions no longer returns {missing}; "
                                "rlvr.grpo needs them (see TRL_HOOKS and tests/test_trl_contract.py)")
-        if training and self.order == "gain_rl":
-            self._gain_rl_after_grading(output, _gathered(self.accuracy_reward))
-        if training and self.prof_filter is not None:
-            rewards = torch.stack([_local(f) for f in self.reward_functions], dim=1)
-            self._prof_step(output, [row["problem"] for row in inputs], list(self.accuracy_reward.latest_texts),
-                            rewards)
         return output
 
     # ---- curation -----------------------------------------------------------------------------
 
+    def _prompts_per_step(self) -> int:
+        """K: prompts per optimizer step over all processes (train.prompts_per_step)."""
+        return self.args.generation_batch_size // self.args.num_generations
+
     def _gain_rl_inputs(self, local_inputs: list[dict]) -> list[dict]:
-        """Replace the data loader's rows with the K prompts GAIN-RL draws now, grouped for TRL.
+        """Replace the data loader's rows with the K prompts GAIN-RL draws now, grouped for TRL (see
+        `_draw_inputs`)."""
+        rows = self.gain_rl_schedule.draw(self._prompts_per_step())
+        log.debug("GAIN-RL draw %d: rows %s", self.gain_rl_schedule.sampler.draws, rows)
+        return self._draw_inputs(local_inputs, rows)
+
+    def _draw_inputs(self, local_inputs: list[dict], rows: list[int]) -> list[dict]:
+        """This process's rollouts of the K prompts `rows`, each repeated num_generations times.
 
         K = generation_batch_size // num_generations is the number of prompts of the step over all
         processes (train.prompts_per_step; grpo_config splits its rollouts over the processes). Every
-        process draws the same K (same seed, same mu) and takes its own slice.
+        process draws the same K (same seed, same sampler state) and takes its own slice.
         """
-        k = self.args.generation_batch_size // self.args.num_generations
-        indices = gain_rl.expand_for_trl(self.gain_rl_schedule.draw(k), self.args.num_generations, 1)
+        indices = gain_rl.expand_for_trl(rows, self.args.num_generations, 1)
         rank, per_rank = self.accelerator.process_index, len(local_inputs)
         mine = indices[rank * per_rank : (rank + 1) * per_rank]
-        log.debug("GAIN-RL draw %d on process %d: rows %s; this process takes rollouts %d to %d",
-                  self.gain_rl_schedule.sampler.draws, rank, indices[:: self.args.num_generations],
-                  rank * per_rank, (rank + 1) * per_rank - 1)
         return [dict(self.prompt_rows[i]) for i in mine]
+
+    def _gather_floats(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-rollout float tensor of this process, gathered over every process in TRL's order."""
+        return torch.tensor(gather_object(values.tolist()), dtype=torch.float32)
+
+    def _dynamic_sampling_step(self, output: dict, first: _Rollouts):
+        """DAPO dynamic sampling (rlvr.curation.dynamic_sampling.collect) on one process: generate more
+        rounds of K prompts until K groups have rewards that differ, or the round cap is hit.
+
+        Returns the step's output (K groups: the informative ones in generation order, then, if short,
+        dropped ones as filler), its rollouts, the per-rollout `counts` mask (False for filler) and
+        every round's rollouts. Extra rounds draw from the online sampler (online orders) or uniformly
+        from every training row (plan orders, from the trainer's own refill RNG).
+        """
+        k, g = self._prompts_per_step(), self.args.num_generations
+        outputs, rounds = [output], [first]
+
+        def generate(round_index: int) -> Groups:
+            if round_index:
+                if self.order == "gain_rl":
+                    rows = self.gain_rl_schedule.draw(k)
+                elif self.sampler is not None:
+                    rows = self.sampler.draw(k)
+                else:
+                    rows = sorted(int(i) for i in self._refill_rng.choice(len(self.prompt_rows), size=k,
+                                                                            replace=k > len(self.prompt_rows)))
+                inputs = self._draw_inputs([{}] * (k * g), rows)
+                outputs.append(self._scored(inputs))
+                rounds.append(_Rollouts.of(inputs, self, outputs[-1]))
+            done = rounds[round_index]
+            where = [(round_index, i) for i in range(len(done.rows))]
+            return Groups.from_flat(done.rows, done.accuracy.tolist(), g, info={"where": where})
+
+        collected = dynamic_sampling.collect(generate, target=k, max_extra_rounds=self.dynamic_sampling.max_extra_rounds)
+        for name, value in collected.stats.items():
+            self._record(name, value)
+        picks = list(collected.groups.info["where"])
+        merged = merge_rollouts(outputs, picks, self.processing_class.pad_token_id)
+        counts = torch.from_numpy(np.repeat(collected.counts, g))
+        step = _Rollouts.select(rounds, picks)
+        return merged, step, counts, rounds
+
+    def _after_step(self, generated: list[_Rollouts]) -> None:
+        """The step's bookkeeping over every rollout it generated (all rounds, every process): the
+        per-prompt accuracy history, and the online sampler's update (its metrics are logged)."""
+        rows = gather_object([(r, a, adv) for part in generated
+                              for r, a, adv in zip(part.rows, part.accuracy.tolist(), part.advantages, strict=True)])
+        g = self.args.num_generations
+        groups = Groups.from_flat([r[0] for r in rows], [None if math.isnan(r[1]) else r[1] for r in rows], g,
+                                  advantages=[r[2] for r in rows])
+        step = self.state.global_step + 1  # the optimizer step these rollouts train
+        tally: dict[int, list[int]] = {}
+        for row, rewards in zip(groups.prompts, groups.rewards, strict=True):
+            graded = rewards[~np.isnan(rewards)]
+            counts = tally.setdefault(row, [0, 0])
+            counts[0] += int((graded >= 1.0).sum())
+            counts[1] += int(graded.size)
+        self.prompt_accuracy += [(step, row, c, n) for row, (c, n) in sorted(tally.items()) if n > 0]
+        if self.sampler is not None:
+            for name, value in self.sampler.update(StepStats(groups=groups)).items():
+                self._record(name, value)
 
     def _prof_step(self, output: dict, problems: list[str], completions: list[str], rewards: torch.Tensor) -> None:
         """PROF on this step's groups, gathered over processes; rewrites this process's part of `output`.
@@ -568,12 +780,6 @@ def _same_on_every_process(state: dict) -> list[dict] | None:
 def _local(reward: RewardFunction | ProcessValueReward) -> torch.Tensor:
     """A reward function's latest values on this process (NaN where it gave None)."""
     return torch.tensor([math.nan if r is None else float(r) for r in reward.latest], dtype=torch.float32)
-
-
-def _gathered(reward: RewardFunction | ProcessValueReward) -> torch.Tensor:
-    """A reward function's latest values over every process, in TRL's order (NaN where it gave None)."""
-    return torch.tensor(gather_object([math.nan if r is None else float(r) for r in reward.latest]),
-                        dtype=torch.float32)
 
 
 class MlflowStepMetrics(TrainerCallback):

@@ -2,9 +2,11 @@
 
 The reward is the shared grader (1.0 / 0.0, None for an unparseable gold answer). `train.order`
 picks which prompts each step sees: `gain_rl` (GAIN-RL dynamic sampling over the `score` ranking),
-`length` (shortest question first), `random` (a seeded fixed permutation) or `uniform` (a fresh
-seeded permutation every pass, the ones TRL's sampler draws), so `dvc exp run -S train.order=length`
-compares them at equal budget.
+`length` (shortest question first), `random` (a seeded fixed permutation), `uniform` (a fresh
+seeded permutation every pass, the ones TRL's sampler draws), `online_difficulty` (a running
+pass-rate band) or `dump` (DUMP's UCB over distributions), so `dvc exp run -S train.order=length`
+compares them at equal budget. `train.filters: [dynamic_sampling]` adds DAPO's dynamic sampling
+(docs/curation.md has every method and its `curation` settings).
 
 Checkpoints go to models/checkpoints (a `persist: true` output, so DVC does not delete them before a
 rerun) every `train.save_steps` and at the last step. Each is complete only once its marker is written
@@ -25,15 +27,18 @@ prepared eval set `train.eval_set` (rlvr.heldout.HeldoutEval: sampled pass@1 and
 graded by the reward's grader, without disturbing training's randomness); the points go to MLflow
 and metrics/heldout_curve.csv, and their cost to metrics/train.json (docs/heldout.md).
 
-`train.prompts: band` trains on the prompts the `filter` stage kept (pass rate in its band).
-`train.prof: true` filters every group with PROF before the loss (rule: `prof`, PRM: `prm`), and
+`train.prompts: band` trains on the prompts the `filter` stage kept (pass rate in its band),
+`one_shot` on the `one_shot` stage's selection (1-shot RLVR).
+`train.prof: true` (or `prof` in `train.filters`) filters every group with PROF before the loss (rule: `prof`, PRM: `prm`), and
 `train.reward: blend` adds `train.blend_weight` x the PRM's process value to the reward (PROF's
 baseline).
 
 Inputs:  models/warmup, data/prepared/train.parquet, data/curated/angles.parquet,
+         data/rollouts/pass_rates.parquet (online_difficulty, dump), data/curated/one_shot.parquet (one_shot),
          data/curated/prompts.parquet, data/prepared/eval/<train.eval_set>.parquet
-Outputs: models/policy, models/checkpoints (persist), metrics/train.json, metrics/train_curve.csv,
-         metrics/heldout_curve.csv
+Outputs: models/policy, models/checkpoints (persist), data/trained/prompt_accuracy.parquet (step, id,
+         accuracy: each prompt's training accuracy at each step that drew it), metrics/train.json,
+         metrics/train_curve.csv, metrics/heldout_curve.csv
 Run:     dvc repro train   (or: python -m flows train)
 """
 
@@ -55,13 +60,14 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from trl import GRPOConfig
 
-from rlvr import gain_rl, grpo, heldout, models, prof
+from rlvr import curation, gain_rl, grpo, heldout, models, prof
 from rlvr.config import ConfigError, Params
+from rlvr.curation import dump
 from rlvr.generation import SamplingSettings, messages, render
 from rlvr.grading import Grader
 from rlvr.grpo import (GainRLSchedule, MlflowStepMetrics, ProcessValueReward, ProfInLoop, RewardFunction,
                        RLVRGRPOTrainer)
-from rlvr.io import dvc_md5, read_parquet, write_json, write_text
+from rlvr.io import dvc_md5, read_parquet, write_json, write_parquet, write_text
 from rlvr.progress import TrainerProgress
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,9 @@ MODEL = Path("models/warmup")
 TRAIN = Path("data/prepared/train.parquet")
 ANGLES = Path("data/curated/angles.parquet")
 PROMPTS = Path("data/curated/prompts.parquet")
+ONE_SHOT = Path("data/curated/one_shot.parquet")
+PASS_RATES = Path("data/rollouts/pass_rates.parquet")
+PROMPT_ACCURACY = Path("data/trained/prompt_accuracy.parquet")
 OUTPUT = Path("models/policy")
 CHECKPOINTS = Path("models/checkpoints")
 METRICS = Path("metrics/train.json")
@@ -184,7 +193,8 @@ def gain_rl_schedule(params: Params, ranking: list[int]) -> GainRLSchedule:
 def fingerprint(params: Params, inputs: list[Path]) -> str:
     """What a checkpoint must match to be resumed: train params, model, prompt, seed and input digests."""
     payload = {
-        "train": asdict(params.train), "model": asdict(params.model), "prompt": asdict(params.prompt),
+        "train": asdict(params.train), "curation": asdict(params.curation), "model": asdict(params.model),
+        "prompt": asdict(params.prompt),
         "prof": asdict(params.prof), "prm": asdict(params.prm), "seed": params.train.seed, "inputs": {str(p): dvc_md5(p) for p in inputs if p.exists()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -233,7 +243,7 @@ def dataset_and_ordering(params: Params, frame: pd.DataFrame, angles: pd.DataFra
         "id": frame["id"].tolist(),
     })
     order = params.train.order
-    if order == "uniform":
+    if order in ("uniform", "online_difficulty", "dump"):  # no ranking: a seeded plan, or drawn online
         return dataset, []
     missing = set(frame["id"]) - set(angles["id"])
     if missing:
@@ -258,22 +268,73 @@ def heldout_eval(params: Params, trainer: RLVRGRPOTrainer, frame: pd.DataFrame,
                                batch_size=trainer.args.per_device_train_batch_size)
 
 
-def select_prompts(params: Params, frame: pd.DataFrame, prompts_path: Path) -> pd.DataFrame:
-    """All training rows, or (`train.prompts: band`) those the filter stage kept, in file order."""
+def select_prompts(params: Params, frame: pd.DataFrame, prompts_path: Path,
+                   one_shot_path: Path = ONE_SHOT) -> pd.DataFrame:
+    """All training rows, or those the filter stage kept (`train.prompts: band`) or the one_shot stage
+    selected (`one_shot`), in file order."""
     if params.train.prompts == "all":
         return frame
-    band = read_parquet(prompts_path, required=("id",))
-    selected = frame[frame["id"].isin(set(band["id"]))].reset_index(drop=True)
+    path = prompts_path if params.train.prompts == "band" else one_shot_path
+    chosen = read_parquet(path, required=("id",))
+    selected = frame[frame["id"].isin(set(chosen["id"]))].reset_index(drop=True)
     if selected.empty:
-        raise ValueError(f"{prompts_path}: none of its {len(band)} prompt ids is in the training set")
-    log.info("train.prompts = band: %d of %d training prompts", len(selected), len(frame))
+        raise ValueError(f"{path}: none of its {len(chosen)} prompt ids is in the training set")
+    if len(selected) < len(chosen):
+        raise ValueError(f"{path}: {len(chosen) - len(selected)} of its {len(chosen)} prompt ids are not in the "
+                         "training set (it was made from other data; rerun the stage that writes it)")
+    log.info("train.prompts = %s: %d of %d training prompts", params.train.prompts, len(selected), len(frame))
     return selected
+
+
+def prior_pass_rates(frame: pd.DataFrame, pass_rates_path: Path) -> np.ndarray:
+    """The rollout stage's pass rate of every training row (NaN for rows it did not roll out)."""
+    rates = read_parquet(pass_rates_path, required=("id", "pass_rate"))
+    by_id = dict(zip(rates["id"], rates["pass_rate"].astype(float), strict=True))
+    return np.array([by_id.get(i, np.nan) for i in frame["id"]], dtype=np.float64)
+
+
+def curation_sampler(params: Params, frame: pd.DataFrame, pass_rates_path: Path = PASS_RATES):
+    """The online sampler of `train.order: online_difficulty | dump` (rlvr.curation), else None.
+
+    online_difficulty's prior and dump's difficulty buckets are the rollout stage's pass rates
+    (rows it did not roll out: no prior, bucket `pass_rate_unknown`); dump by source uses the
+    prepared set's `source` column.
+    """
+    t, c = params.train, params.curation
+    if t.order not in ("online_difficulty", "dump"):
+        return None
+    rates = prior_pass_rates(frame, pass_rates_path)
+    labels: tuple[str, ...] = ()
+    if t.order == "dump":
+        labels = tuple(frame["source"].astype(str)) if c.dump.by == "source" else tuple(
+            dump.difficulty_buckets(rates.tolist(), c.dump.bucket_edges))
+    context = curation.Context(n_rows=len(frame), prompts_per_step=t.prompts_per_step, group_size=t.num_generations,
+                               steps=t.max_steps, seed=t.seed, labels=labels, prior_pass_rate=tuple(rates.tolist()))
+    sampler = curation.build_sampler(t.order, asdict(getattr(c, t.order)), context)
+    if t.order == "dump":
+        log.info("dump: %d distributions by %s: %s", len(sampler.names), c.dump.by,
+                 {name: len(rows) for name, rows in zip(sampler.names, sampler.rows, strict=True)})
+    return sampler
+
+
+def prompt_accuracy_table(rows: list[tuple[int, int, int, int]], ids: list[str]) -> pd.DataFrame:
+    """A run's per-step per-prompt training accuracy (step, id, accuracy, n_correct, n_graded) from the
+    trainer's (step, row, correct, graded) tuples: the history the one_shot stage ranks
+    (rlvr/curation/one_shot.py)."""
+    return pd.DataFrame({
+        "step": np.array([r[0] for r in rows], dtype=np.int64),
+        "id": pd.Series([str(ids[r[1]]) for r in rows], dtype=object),
+        "accuracy": np.array([r[2] / r[3] for r in rows], dtype=np.float64),
+        "n_correct": np.array([r[2] for r in rows], dtype=np.int64),
+        "n_graded": np.array([r[3] for r in rows], dtype=np.int64),
+    })
 
 
 def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angles_path: Path = ANGLES,
         checkpoints: Path = CHECKPOINTS, output: Path = OUTPUT,
-        prompts_path: Path = PROMPTS, eval_dir: Path = EVAL_DIR) -> tuple[dict, list[dict]]:
-    """Train; returns the metrics and the log history's rows (training and held-out points)."""
+        prompts_path: Path = PROMPTS, eval_dir: Path = EVAL_DIR) -> tuple[dict, list[dict], pd.DataFrame]:
+    """Train; returns the metrics, the log history's rows (training and held-out points) and the
+    per-prompt accuracy history (`prompt_accuracy_table`)."""
     frame = select_prompts(params, read_parquet(train_path, required=("id", "problem", "answer")), prompts_path)
     eval_path = eval_dir / f"{params.train.eval_set}.parquet"
     eval_frame = (read_parquet(eval_path, required=("problem", "answer")) if params.train.eval_steps > 0
@@ -285,20 +346,24 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
                                           dtype=models.torch_dtype(params.model.dtype))
     if params.train.max_steps == 0:
         save_policy(model, tokenizer, output)
-        return {"steps": 0, "train_seconds": 0.0}, []
+        return {"steps": 0, "train_seconds": 0.0}, [], prompt_accuracy_table([], [])
     dataset, ordering = dataset_and_ordering(params, frame, angles)
     inputs = [model_dir, train_path, angles_path] + ([prompts_path] if params.train.prompts == "band" else [])
+    inputs += [ONE_SHOT] if params.train.prompts == "one_shot" else []
+    inputs += [PASS_RATES] if params.train.order in ("online_difficulty", "dump") else []
     inputs += [eval_path] if eval_frame is not None else []
     # One process checks and clears the checkpoints folder; every process resumes from what it found.
     resume = on_main_process(resume_point, checkpoints, fingerprint(params, inputs))
     t = params.train
-    prm = prof.load_prm(params.prm) if t.prof or t.reward == "blend" else None
+    use_prof = "prof" in t.filter_names  # train.prof: true, or prof in train.filters
+    prm = prof.load_prm(params.prm) if use_prof or t.reward == "blend" else None
+    sampler = curation_sampler(params, frame)
     with Grader(workers=params.grading.workers, timeout_s=params.grading.timeout_s) as grader:
         reward_funcs = [RewardFunction(grader)]
         if t.reward == "blend":
             reward_funcs.append(ProcessValueReward(prm, params.prof.max_steps))
         prof_filter = (ProfInLoop(prm, params.prof.remove, params.prof.min_steps, params.prof.max_steps)
-                       if t.prof else None)
+                       if use_prof else None)
         trainer = RLVRGRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,
@@ -310,6 +375,8 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
             ordering=ordering,
             gain_rl_schedule=gain_rl_schedule(params, ordering) if params.train.order == "gain_rl" else None,
             prof_filter=prof_filter,
+            sampler=sampler,
+            dynamic_sampling_settings=params.curation.dynamic_sampling if "dynamic_sampling" in t.filters else None,
         )
         evaluation = heldout_eval(params, trainer, eval_frame, grader) if eval_frame is not None else None
         if evaluation is not None:
@@ -339,7 +406,7 @@ def run(params: Params, model_dir: Path = MODEL, train_path: Path = TRAIN, angle
     if params.train.order == "gain_rl":
         metrics["final_mu"] = float(trainer.gain_rl_schedule.sampler.mu)  # clipped to [0, N-1]
         metrics["gain_rl_end_step"] = trainer.gain_rl_schedule.end_step  # None: mu never reached N-1
-    return metrics, rows
+    return metrics, rows, prompt_accuracy_table(trainer.prompt_accuracy, frame["id"].tolist())
 
 
 # Columns a dvc.yaml plot draws that a run may not log: GAIN-RL's mu exists only with train.order
@@ -361,9 +428,10 @@ def curve_csv(rows: list[dict]) -> str:
 
 def main(params: Params) -> dict:
     """Train and write the outputs; with several processes every process trains and the main one writes."""
-    metrics, rows = run(params)
+    metrics, rows, history = run(params)
     if not process_state().is_main_process:
         return metrics
+    write_parquet(PROMPT_ACCURACY, history)
     write_text(CURVE, curve_csv([r for r in rows if not heldout.is_point(r)]))
     write_text(HELDOUT_CURVE, heldout.curve_csv(heldout.curve_rows(rows)))
     write_json(METRICS, {k: v for k, v in metrics.items() if v is None or np.isfinite(v)})  # None: JSON null

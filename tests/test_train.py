@@ -5,6 +5,7 @@ Kills and resumes: tests/test_train_kill.py.
 
 import json
 import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from rlvr import config, models
 from stages import filter as filter_stage
+from stages import one_shot as one_shot_stage
 from stages import prepare, rollout, score, train, warmup
 from tests.conftest import small_params_dict
 
@@ -52,7 +54,7 @@ def _params(**train_overrides) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("order", ["gain_rl", "length", "random", "uniform"])
+@pytest.mark.parametrize("order", ["gain_rl", "length", "random", "uniform", "online_difficulty", "dump"])
 def test_every_order_trains_and_writes_curves(workdir, monkeypatch, order):
     monkeypatch.chdir(workdir)
     params = config.from_dict(_params(order=order, max_steps=2))
@@ -68,8 +70,40 @@ def test_every_order_trains_and_writes_curves(workdir, monkeypatch, order):
         written = json.loads((workdir / "metrics/train.json").read_text())
         assert written["gain_rl_end_step"] is None  # written as null, not left out
         assert 0.0 <= written["final_mu"] <= 2 * params.train.gain_rl.delta_max * 24 < 23
+    if order in ("online_difficulty", "dump"):  # their sampler's numbers are logged every step
+        column = "online_difficulty/pool_size" if order == "online_difficulty" else "dump/p/pass_rate_lt_0.2"
+        assert column in curve.columns and curve[column].notna().all()
+    history = pd.read_parquet(workdir / train.PROMPT_ACCURACY)
+    assert history.groupby("step")["n_graded"].sum().to_dict() == {1: 16, 2: 16}  # K 4 x G 4 rollouts a step
+    assert ((history["accuracy"] >= 0) & (history["accuracy"] <= 1)).all()
     loaded, _ = models.load_policy(workdir / "models/policy")
     assert loaded.config.model_type == "qwen2"
+
+
+def test_one_shot_selects_from_a_runs_history_and_trains_on_it_with_dynamic_sampling(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    train.main(config.from_dict(_params(order="uniform", max_steps=8)))  # 32 draws of 24 prompts: 8 seen twice
+    history = pd.read_parquet(train.PROMPT_ACCURACY)
+    assert sorted(history["step"].unique()) == list(range(1, 9))
+    (workdir / "data/one_shot").mkdir(parents=True, exist_ok=True)
+    shutil.copy(train.PROMPT_ACCURACY, one_shot_stage.HISTORY)
+    params = config.from_dict(_params(order="uniform", prompts="one_shot", filters=["dynamic_sampling"], max_steps=2))
+    metrics = one_shot_stage.main(params)
+    # by hand: the population variance of each prompt's accuracy over the steps it was drawn (2 or more)
+    seen = history.groupby("id")["accuracy"]
+    variance = seen.var(ddof=0)[seen.count() >= 2]
+    top = sorted(variance.items(), key=lambda item: (-item[1], item[0]))[0]
+    selected = pd.read_parquet(one_shot_stage.OUTPUT)
+    assert selected["id"].tolist() == [top[0]] and selected["variance"].iloc[0] == pytest.approx(top[1])
+    assert metrics["eligible_prompts"] == len(variance) and metrics["selected"] == 1
+    train.main(params)
+    trained = pd.read_parquet(train.PROMPT_ACCURACY)
+    assert set(trained["id"]) == {top[0]}  # every step drew the one prompt (and every extra round)
+    curve = pd.read_csv(workdir / "metrics/train_curve.csv")
+    assert (curve["dynamic_sampling/extra_rounds"] <= 3).all() and (curve["dynamic_sampling/extra_rounds"] >= 0).all()
+    graded = trained.groupby("step")["n_graded"].sum()
+    # round 0 and each extra round roll out K 4 x G 4; the curve logs the extra rounds of each step
+    assert graded.tolist() == [16 * (1 + r) for r in curve.set_index("step")["dynamic_sampling/extra_rounds"]]
 
 
 def test_zero_steps_passes_the_warmup_model_through(workdir, monkeypatch):
