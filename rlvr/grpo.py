@@ -1,4 +1,4 @@
-"""GRPO with TRL: the project's rewards, prompt orders, PROF in the loop, and checkpoints that survive a kill.
+"""GRPO with TRL: the project's rewards, prompt orders and curation, PROF in the loop, and checkpoints that survive a kill.
 
 `RLVRGRPOTrainer` is TRL's `GRPOTrainer` with these changes, made through TRL's public surface
 wherever it has one:
@@ -27,11 +27,20 @@ wherever it has one:
   its own rollouts with the PRM; step counts, values and rewards are gathered in process order, every
   process takes the same decision over every group (a group may span two processes) and keeps its
   slice of the advantages and masks.
+- The other curation methods (rlvr/curation, docs/curation.md): `online_difficulty` and `dump` are
+  online samplers drawn like GAIN-RL (`_draw_inputs`) and updated after grading with every
+  rollout of the step (gathered over processes: grades and TRL's advantages). Dynamic sampling
+  (`train.filters: [dynamic_sampling]`, one process) keeps the groups whose grades differ and
+  generates more rounds of K prompts until the step has K of them or the round cap is hit; the
+  rounds' rows are merged into one generation output (`merge_rollouts`), and groups that fill a
+  step left short carry no loss. Every step's per-prompt accuracy (all rounds) is kept in
+  `prompt_accuracy` (the one_shot stage's history). The samplers' state, dynamic sampling's refill
+  RNG and that history go into every checkpoint (`curation_state.json`).
 - Rewards are TRL reward functions: `RewardFunction` (the project's one grader: 1.0 / 0.0, None
   for an unparseable gold) and `ProcessValueReward` (the PRM's process value, for PROF's blend
   baseline). Both keep their latest local values, which is where PROF and GAIN-RL read the step's
   rewards and completions (gathered over processes), not from TRL's internal logs.
-- Curation metrics (`prof/*`, `gain_rl/*`) are averaged per logging step and added in `log`.
+- Curation metrics (`prof/*`, `gain_rl/*`, `dynamic_sampling/*`, `online_difficulty/*`, `dump/*`) are averaged per logging step and added in `log`.
 - Checkpoints (`CheckpointState`, a callback): after TRL/transformers has written a checkpoint, the
   GAIN-RL sampler state (mu, RNG) goes in, then a completeness marker, last, listing every file and
   its size. A folder without a valid marker is a checkpoint a kill interrupted (or a rotation
@@ -108,7 +117,8 @@ class TrlHook:
 # Trainer.train and Trainer.log.
 TRL_HOOKS = (
     TrlHook("GRPOTrainer", "_generate_and_score_completions", ("inputs",),
-            "GAIN-RL replaces the step's prompts before generation and moves mu after grading; PROF rewrites "
+            "The online samplers replace the step's prompts before generation and update after grading; "
+            "dynamic sampling calls it again for extra rounds and merges their rows; PROF rewrites "
             f"advantages, completion_mask and num_items_in_batch of its output (keys {GENERATION_OUTPUT_KEYS}). "
             "No public hook sits between grading and the loss."),
     TrlHook("trl.trainer.utils", "nanstd", ("tensor", "dim", "keepdim"),

@@ -154,7 +154,7 @@ def test_gain_rl_inputs_are_k_distinct_prompts_in_groups(tmp_path, grader):
 
 
 def test_gain_rl_needs_one_generation_per_optimizer_step(tmp_path, grader):
-    with pytest.raises(ValueError, match="moves mu once per optimizer step"):
+    with pytest.raises(ValueError, match="act once per optimizer step"):
         _gain_rl_trainer(tmp_path, grader, {}, gradient_accumulation_steps=2)
 
 

@@ -224,7 +224,7 @@ def test_prof_in_the_loop_drops_rollouts_from_the_loss(tmp_path, grader):
 
 
 def test_prof_needs_the_accuracy_reward(tmp_path):
-    with pytest.raises(ValueError, match="PROF and GAIN-RL need the 'accuracy' reward"):
+    with pytest.raises(ValueError, match="PROF, the online orders and dynamic sampling need the .accuracy. reward"):
         _tiny_trainer(tmp_path, reward=_varied_reward, prof_filter=grpo.ProfInLoop(_ListPRM({})))
 
 

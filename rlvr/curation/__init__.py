@@ -10,7 +10,7 @@ the trainer loads (a PRM).
     value                     kind               module              method
     uniform, length, random   sampler (offline)  existing            baselines (rlvr.grpo.prompt_plan)
     gain_rl                   sampler            existing            GAIN-RL, Wang et al. 2025
-    online_difficulty         sampler            online_difficulty   running pass-rate band (issue 13)
+    online_difficulty         sampler            online_difficulty   running pass-rate band
     dump                      sampler            dump                DUMP, Wang et al. 2025
     prof                      filter             existing            PROF, Ye et al. 2025
     dynamic_sampling          filter             dynamic_sampling    DAPO dynamic sampling, Yu et al. 2025

@@ -32,9 +32,14 @@ Logged per step: `dynamic_sampling/dropped_frac` (dropped / generated groups, al
 `extra_rounds`, `extra_groups` (groups generated beyond round 0: the extra generation cost),
 `short`, `surplus` (informative groups generated but not used).
 
-What is not covered: which prompts an extra round draws (the caller's sampler draws them; with a
-plan-based order the extra rounds take the next prompts of the plan), and rewards other than
-exact 1.0 / 0.0 grades (a continuous reward is almost never all-equal, so nothing is dropped).
+In the trainer (rlvr.grpo.RLVRGRPOTrainer): an extra round draws K prompts from the run's online
+sampler (gain_rl, online_difficulty, dump), or, under a plan order (uniform, length, random, a
+prompt set), K rows uniformly from the training set with the trainer's own seeded RNG (the plan
+is TRL's to walk, one step at a time). Groups are told apart by the accuracy grades, also with
+`train.reward: blend`. Extra rounds run on one process only (params refuse more).
+
+What is not covered: rewards other than exact 1.0 / 0.0 grades (a continuous reward is almost
+never all-equal, so nothing would be dropped).
 """
 
 from __future__ import annotations

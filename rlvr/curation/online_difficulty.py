@@ -23,7 +23,7 @@ When the pool has fewer prompts than its share of K, the step is filled from out
 Logged per update: `online_difficulty/pool_size`, `left` (in the pool before this update, out
 after), `returned` (out before, in after) and, per draw, `explored` and `filled`.
 
-This is the setting of issue 13 (a running pass rate with a prior, not a per-step filter of
+This is the project's setting (a running pass rate with a prior, not a per-step filter of
 each group's own pass rate as in Bae et al. 2025, "Online Difficulty Filtering for Reasoning
 Oriented Reinforcement Learning"; DAPO's dynamic sampling is that per-step filter at band (0, 1)).
 
