@@ -6,7 +6,8 @@ dvc.yaml plots its outputs feed as PNG artifacts, and leaves a Prefect table art
 Logic lives in `stages/` and `rlvr/`; this module is wiring.
 Retries are deliberately absent here: a stage failure is a bug or bad input, not a flaky call.
 
-The two records point at each other. The flow run gets a link artifact `<stage>-mlflow-run`, made as
+The two records point at each other. The flow run gets a link artifact `<stage>-mlflow-run` (dashes
+for underscores: `one-shot-mlflow-run`), made as
 soon as the MLflow run exists (a killed stage has it too): the run's page in the MLflow UI when
 MLFLOW_TRACKING_URI is a tracking server (`rlvr services up`), else a note with the run id and how to
 open the local store. The MLflow run gets tags `prefect.flow_run_id` and, when a Prefect server with a
@@ -55,10 +56,6 @@ FLOW_RUN_TAG = sweep.FLOW_RUN_TAG
 FLOW_RUN_URL_TAG = sweep.FLOW_RUN_URL_TAG
 
 
-def _artifact_key(stage: str) -> str:
-    return f"{stage}-metrics"
-
-
 def log_plots(stage: str) -> None:
     """The dvc.yaml plots this stage's outputs feed, as PNG artifacts of its MLflow run (folder plots/)."""
     import mlflow
@@ -82,7 +79,7 @@ def run_stage(stage: str, main: Callable[[config.Params], dict], params_file: st
         tracking.log_metrics(metrics)
         log_plots(stage)
     rows = [{"metric": k, "value": v} for k, v in tracking.flatten_metrics(metrics).items()]
-    create_table_artifact(table=rows, key=_artifact_key(stage),
+    create_table_artifact(table=rows, key=sweep.artifact_key(stage, "metrics"),
                           description=f"`{stage}` metrics (MLflow run {run.info.run_id})")
     return metrics
 

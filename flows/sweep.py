@@ -51,13 +51,19 @@ def flow_run_tags() -> dict[str, str]:
     return tags
 
 
+def artifact_key(stage: str, what: str) -> str:
+    """A Prefect artifact key for a stage: Prefect allows lowercase letters, digits and dashes only, so
+    `one_shot` becomes `one-shot` (`one-shot-mlflow-run`)."""
+    return f"{stage.lower().replace('_', '-')}-{what}"
+
+
 def link_mlflow_run(stage: str, run, params: Params) -> str | None:
     """An artifact on the flow run that leads to its MLflow run; returns the run's URL (None: no server)."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     uri = tracking.tracking_uri(params)
     url = tracking.run_url(uri, run.info.experiment_id, run.info.run_id)
-    key = f"{stage}-mlflow-run"
+    key = artifact_key(stage, "mlflow-run")
     if url:
         create_link_artifact(link=url, link_text=f"MLflow run {run.info.run_id} ({stage})", key=key,
                              description=f"The MLflow run of this `{stage}` flow run: params, inputs with their "
