@@ -15,9 +15,9 @@ from tests.conftest import ROOT, small_params_dict
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STAGES = ("prepare", "warmup", "score", "rollout", "filter", "train", "evaluate")
-PROJECT_FILES = ["dvc.yaml", "pyproject.toml", "rlvr", "stages", "flows", "data/sources", ".dvc/config",
-                 ".dvcignore", ".gitignore", "data/.gitignore", "prefect.yaml"]
+STAGES = ("prepare", "warmup", "score", "rollout", "filter", "one_shot", "train", "evaluate")
+PROJECT_FILES = ["dvc.yaml", "pyproject.toml", "rlvr", "stages", "flows", "data/sources", "data/one_shot",
+                 ".dvc/config", ".dvcignore", ".gitignore", "data/.gitignore", "prefect.yaml"]
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
                 "GIT_COMMITTER_EMAIL": "test@localhost"}  # `dvc exp run` commits experiments
 

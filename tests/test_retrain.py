@@ -71,7 +71,8 @@ def test_retrain_registers_schedules_and_traces(project, client):
 
     # 1. First retrain: the whole pipeline runs, nested under the retrain run; version 1 becomes champion.
     first = _retrain(repo)
-    assert set(first["ran_stages"]) == {"prepare", "warmup", "score", "rollout", "filter", "train", "evaluate"}
+    assert set(first["ran_stages"]) == {"prepare", "warmup", "score", "rollout", "filter", "one_shot", "train",
+                                       "evaluate"}
     assert first["registered"] and first["promoted"] and first["version"] == "1"
     assert client.get_model_version_by_alias(name, registry.CHAMPION).version == "1"
     experiments = [e.experiment_id for e in client.search_experiments()]
