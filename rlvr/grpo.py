@@ -679,6 +679,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
         if self.sampler is not None:
             for name, value in self.sampler.update(StepStats(groups=groups)).items():
                 self._record(name, value)
+            if self.accelerator.num_processes > 1:  # as for GAIN-RL: a difference is a bug, never ignored
+                states = _same_on_every_process(self.sampler.state_dict())
+                if states is not None:
+                    raise RuntimeError(f"{self.order}: the processes' samplers differ after step {step}")
 
     def _prof_step(self, output: dict, problems: list[str], completions: list[str], rewards: torch.Tensor) -> None:
         """PROF on this step's groups, gathered over processes; rewrites this process's part of `output`.
