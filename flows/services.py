@@ -259,11 +259,19 @@ def environment(root: Path) -> dict[str, str]:
     return env
 
 
+# MLflow 3.17's telemetry thread sets and unsets an environment variable while the client's HTTP calls
+# iterate os.environ: a stage logging to a tracking server failed once in 15 grid experiments with
+# `KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'`. The stages started through `rlvr` run with telemetry off
+# unless the user's environment says otherwise (the machines have no network to send it anyway).
+QUIET_MLFLOW = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a `dvc` subprocess: this interpreter's bin folder first on PATH, so that
-    dvc.yaml's `python -m flows ...` runs in this virtual environment even when it is not activated."""
+    dvc.yaml's `python -m flows ...` runs in this virtual environment even when it is not activated.
+    MLflow telemetry is off unless the environment sets MLFLOW_DISABLE_TELEMETRY (`QUIET_MLFLOW`)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
+    return {**QUIET_MLFLOW, **os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
 
 
 def _spawn(root: Path, name: str, command: list[str], env: dict[str, str]) -> tuple[int, str, str]:

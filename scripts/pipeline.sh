@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+# MLflow's telemetry thread can race the client's HTTP calls (flows/services.py, QUIET_MLFLOW)
+export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
 if [ ! -d .git ]; then
   git init -q   # DVC keeps its state next to a git repository; `dvc exp` also needs a commit
 fi

@@ -84,3 +84,12 @@ def test_a_grid_without_its_own_baseline_takes_the_given_warmup_evaluation(tmp_p
     assert runs["g-0"].baseline_correct.tolist() == [[True, False], [False, False]]
     assert runs["g-1"].baseline_correct is None  # other problems: no gain rather than a wrong one
     assert {r.name: r.baseline_correct for r in grid.collect(tmp_path, "g")}["g-0"] is None
+
+
+def test_dvc_runs_started_by_rlvr_have_mlflow_telemetry_off_unless_the_user_set_it(monkeypatch):
+    from flows import services
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    assert services.dvc_env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # the user's choice wins
+    assert services.dvc_env()["MLFLOW_DISABLE_TELEMETRY"] == "false"
