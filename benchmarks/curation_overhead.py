@@ -62,29 +62,26 @@ class Timings:
         self.steps: list[dict] = []
         self.current: dict = {}
 
-    def wrap(self):
+    def _timed(self, method, name: str, count: str | None = None):
+        """`method` adding its wall time (and a call count) to the current step's `name`, in training mode."""
         timings = self
-        generate, scored = grpo.RLVRGRPOTrainer._generate_and_score_completions, grpo.RLVRGRPOTrainer._scored
 
-        def timed_generate(trainer, inputs):
+        def timed(trainer, inputs):
             start = time.perf_counter()
             try:
-                return generate(trainer, inputs)
+                return method(trainer, inputs)
             finally:
                 if trainer.model.training:
-                    timings.current["generate"] = timings.current.get("generate", 0.0) + time.perf_counter() - start
+                    timings.current[name] = timings.current.get(name, 0.0) + time.perf_counter() - start
+                    if count:
+                        timings.current[count] = timings.current.get(count, 0) + 1
 
-        def timed_scored(trainer, inputs):
-            start = time.perf_counter()
-            try:
-                return scored(trainer, inputs)
-            finally:
-                if trainer.model.training:
-                    timings.current["scored"] = timings.current.get("scored", 0.0) + time.perf_counter() - start
-                    timings.current["rounds"] = timings.current.get("rounds", 0) + 1
+        return timed
 
-        grpo.RLVRGRPOTrainer._generate_and_score_completions = timed_generate
-        grpo.RLVRGRPOTrainer._scored = timed_scored
+    def wrap(self):
+        trainer = grpo.RLVRGRPOTrainer
+        trainer._generate_and_score_completions = self._timed(trainer._generate_and_score_completions, "generate")
+        trainer._scored = self._timed(trainer._scored, "scored", count="rounds")
 
 
 class StepClock(TrainerCallback):
