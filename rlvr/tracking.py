@@ -95,6 +95,26 @@ def stage_io(stage: str, dvc_file: Path = Path("dvc.yaml")) -> tuple[list[str], 
     return inputs, outputs, sections
 
 
+def log_input(mlflow, dataset, attempts: int = 3) -> None:
+    """`mlflow.log_input(dataset)`, retried when the store reports the dataset as a duplicate.
+
+    The tracking server inserts a new (experiment, name, digest) dataset without a lock: two stage
+    runs logging the same input at the same moment (two DVC experiments started together) make one
+    of them fail with a unique-constraint violation on PostgreSQL (`dataset_pk`; seen in
+    tests/test_concurrent_experiments.py). On the retry the dataset exists and is only linked.
+    """
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context="input")
+            return
+        except mlflow.exceptions.MlflowException as error:
+            text = str(error)
+            duplicate = "UniqueViolation" in text or "UNIQUE constraint failed" in text or "already exists" in text
+            if not duplicate or attempt == attempts - 1:
+                raise
+            log.warning("MLflow: input %s was being logged by another run at the same time; retrying", dataset.name)
+
+
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     """Nested metric dicts -> "a.b" keys, numbers only (DVC flattens metrics files the same way)."""
     flat: dict[str, float] = {}
@@ -249,7 +269,7 @@ def stage_run(stage: str, params: Params, dvc_file: Path = Path("dvc.yaml"),
                     warnings.simplefilter("ignore", UserWarning)
                     source = resolve_dataset_source(str(Path(path).resolve()))
                 dataset = MetaDataset(source=source, name=path, digest=dvc_md5(path))
-                mlflow.log_input(dataset, context="input")
+                log_input(mlflow, dataset)
         yield run
         for path in outputs:
             if Path(path).exists():
